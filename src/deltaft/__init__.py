@@ -1,0 +1,27 @@
+"""deltaft: DELTA transfer learning with feature maps and supervised channel attention.
+
+The public surface, on one screen::
+
+    from deltaft import FeatureExtractor, TransferObjective, default_layers
+    from deltaft.regularizers import functional as RF
+    from deltaft.attention import estimate_channel_attention, ChannelAttention
+"""
+
+from deltaft.heads import find_head, replace_head
+from deltaft.hooks import FeatureExtractor
+from deltaft.layers import default_layers, describe_layers, validate_layers
+from deltaft.objective import METHODS, TransferObjective
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "FeatureExtractor",
+    "TransferObjective",
+    "__version__",
+    "default_layers",
+    "describe_layers",
+    "find_head",
+    "replace_head",
+    "validate_layers",
+]

@@ -1,0 +1,246 @@
+"""The training objective of every method: task loss plus named regularizer parts."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from deltaft.heads import find_head, head_parameter_names
+from deltaft.hooks import FeatureExtractor
+from deltaft.layers import default_layers
+from deltaft.regularizers import functional as RF
+from deltaft.regularizers.modules import (
+    DeltaRegularizer,
+    FeatureMapRegularizer,
+    L2Regularizer,
+    L2SPRegularizer,
+)
+
+if TYPE_CHECKING:
+    from deltaft.attention import ChannelAttention
+
+__all__ = ["METHODS", "Method", "TransferObjective"]
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["l2", "l2sp", "fm", "delta"]
+METHODS: tuple[str, ...] = ("l2", "l2sp", "fm", "delta")
+
+
+def _logits(output: Any) -> Tensor:
+    """The main logits of a classifier output (Inception-V3 returns ``(logits, aux_logits)``)."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"Expected the model to return logits as a Tensor, got {type(output).__name__}."
+    )
+
+
+class TransferObjective(nn.Module):
+    r"""Loss of one fine-tuning step for ``l2``, ``l2sp``, ``fm`` or ``delta``.
+
+    ``forward(x, y)`` returns a dict: ``loss`` (to call ``backward`` on), ``logits``,
+    ``task_loss`` (mean cross-entropy) and each regularizer part as added to the loss::
+
+        l2:    loss = CE                        (decay through param_groups' weight_decay)
+        l2sp:  loss = CE + reg/l2sp + reg/head
+               reg/l2sp = alpha/2 * sum_{pre-trained p} ||p - p_source||^2
+        fm:    loss = CE + reg/fm + reg/head
+               reg/fm   = alpha * feature_map_penalty(FM_s, FM_t, reduction)
+        delta: loss = CE + reg/delta + reg/head
+               reg/delta = alpha * delta_penalty(FM_s, FM_t, attention, reduction)
+        reg/head = beta/2 * ||head parameters||^2          (the new classifier only)
+
+    ``FM_t`` are the target model's outputs of ``layers`` in its current mode; ``FM_s`` those of
+    the frozen ``source`` in eval mode, which runs only as far as the last of ``layers``.
+
+    Args:
+        model: the network being fine-tuned, with its new head already in place.
+        source: the pre-trained network; deep-copied, frozen (``requires_grad_(False)``) and kept
+            in eval mode. Its head is never used.
+        method: ``"l2"``, ``"l2sp"``, ``"fm"`` or ``"delta"``.
+        layers: regularized layers; default :func:`~deltaft.layers.default_layers` of ``model``
+            (or the attention's layers when ``attention`` is given).
+        attention: for ``delta``: a :class:`~deltaft.attention.ChannelAttention`, a mapping of
+            per-layer weights ``(C,)`` summing to 1, or ``"uniform"``.
+        alpha: strength of the behavioural term (``fm``, ``delta``) or of L2-SP.
+        beta: strength of the head term (all methods but ``l2``).
+        head: dotted name of ``model``'s new head; found with :func:`~deltaft.heads.find_head`.
+        reduction: ``"sum"`` over the batch (reference, ``alpha=0.01`` at batch 64) or ``"mean"``.
+        weight_decay: the ``l2`` method's decay, applied by :meth:`param_groups`.
+        input_size: image size of the dry forward pass that finds default layers.
+
+    Example:
+        >>> import copy, torch, torchvision
+        >>> source = torchvision.models.resnet18(num_classes=10)
+        >>> model = copy.deepcopy(source)
+        >>> model.fc = torch.nn.Linear(512, 3)
+        >>> objective = TransferObjective(model, source, "delta", attention="uniform")
+        >>> out = objective(torch.randn(2, 3, 64, 64), torch.tensor([0, 2]))
+        >>> sorted(out)
+        ['logits', 'loss', 'reg/delta', 'reg/head', 'task_loss']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        source: nn.Module,
+        method: Method = "delta",
+        layers: Sequence[str] | None = None,
+        attention: ChannelAttention | Mapping[str, Tensor] | Literal["uniform"] | None = None,
+        alpha: float = 0.01,
+        beta: float = 0.01,
+        *,
+        head: str | None = None,
+        reduction: RF.Reduction = "sum",
+        weight_decay: float = 1e-4,
+        input_size: int = 224,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+        for label, value in (("alpha", alpha), ("beta", beta), ("weight_decay", weight_decay)):
+            if not value >= 0:  # also rejects NaN
+                raise ValueError(f"{label} must be >= 0, got {value}.")
+        if method != "delta" and attention is not None:
+            raise ValueError(f"attention is only used by method 'delta', not {method!r}.")
+        self.model = model
+        self.method = method
+        self.alpha, self.beta, self.weight_decay = float(alpha), float(beta), float(weight_decay)
+        self.head = find_head(model, head)
+        self.head_names = head_parameter_names(model, self.head)
+        if not self.head_names:
+            raise ValueError(f"Head {self.head!r} has no parameters; name the new classifier.")
+        self.source = copy.deepcopy(source).eval().requires_grad_(False)
+        self.layers: list[str] = []
+        self.feature_reg: nn.Module | None = None
+        self.l2sp: L2SPRegularizer | None = None
+        self.head_reg = L2Regularizer(self.head_names)
+        if method in ("fm", "delta"):
+            self.layers = self._resolve_layers(layers, attention, input_size)
+            if method == "fm":
+                self.feature_reg = FeatureMapRegularizer(reduction)
+            else:
+                self.feature_reg = DeltaRegularizer(
+                    self.layers, self._attention_weights(attention), reduction
+                )
+        elif layers is not None:
+            raise ValueError(f"layers are only used by methods 'fm' and 'delta', not {method!r}.")
+        if method == "l2sp":
+            self.l2sp = L2SPRegularizer(self._source_reference())
+
+    # -- construction helpers -------------------------------------------------------------------
+    def _resolve_layers(
+        self, layers: Sequence[str] | None, attention: Any, input_size: int
+    ) -> list[str]:
+        if layers is not None:
+            return list(layers)
+        if attention is not None and not isinstance(attention, str):
+            return list(getattr(attention, "layers", None) or attention.keys())
+        return default_layers(self.model, input_size=input_size)
+
+    def _attention_weights(self, attention: Any) -> Mapping[str, Tensor] | None:
+        if attention is None:
+            raise ValueError(
+                "method 'delta' needs channel attention: pass "
+                "attention=estimate_channel_attention(...) or attention='uniform'."
+            )
+        if isinstance(attention, str):
+            if attention != "uniform":
+                raise ValueError(f"attention must be 'uniform' or weights, got {attention!r}.")
+            return None
+        if hasattr(attention, "check_compatible"):
+            from deltaft.attention import model_fingerprint
+
+            attention.check_compatible(
+                self.layers, model_fingerprint=model_fingerprint(self.source)
+            )
+            return dict(attention.weights)
+        return dict(attention)
+
+    def _source_reference(self) -> dict[str, Tensor]:
+        source_params = dict(self.source.named_parameters())
+        reference: dict[str, Tensor] = {}
+        for name, param in self.model.named_parameters():
+            if name in self.head_names:
+                continue
+            ref = source_params.get(name)
+            if ref is None or ref.shape != param.shape:
+                got = "missing" if ref is None else tuple(ref.shape)
+                raise ValueError(
+                    f"L2-SP needs the source to have parameter {name!r} of shape "
+                    f"{tuple(param.shape)}, got {got}; pass the pre-trained network as source."
+                )
+            reference[name] = ref
+        return reference
+
+    # -- public API -----------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> TransferObjective:
+        """Set the target model's mode; the source always stays in eval mode."""
+        super().train(mode)
+        self.source.eval()
+        return self
+
+    def param_groups(
+        self, lr: float | None = None, head_lr: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups for ``model``: ``backbone`` and ``head``.
+
+        ``weight_decay`` is the objective's for method ``l2`` and 0 otherwise (the other methods
+        regularize explicitly). ``lr`` / ``head_lr`` are set on the groups when given.
+
+        Example:
+            ``torch.optim.SGD(objective.param_groups(lr=0.01), lr=0.01, momentum=0.9)``
+        """
+        decay = self.weight_decay if self.method == "l2" else 0.0
+        params = dict(self.model.named_parameters())
+        head = [params[n] for n in self.head_names]
+        backbone = [p for n, p in params.items() if n not in self.head_names]
+        groups: list[dict[str, Any]] = [
+            {"name": "backbone", "params": backbone, "weight_decay": decay},
+            {"name": "head", "params": head, "weight_decay": decay},
+        ]
+        for group, group_lr in zip(
+            groups, (lr, head_lr if head_lr is not None else lr), strict=True
+        ):
+            if group_lr is not None:
+                group["lr"] = group_lr
+        return [g for g in groups if g["params"]]
+
+    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.feature_reg is None:
+            logits = _logits(self.model(x))
+            target_maps: dict[str, Tensor] = {}
+        else:
+            with FeatureExtractor(self.model, self.layers) as extractor:
+                logits = _logits(self.model(x))
+                target_maps = extractor.pop()
+        task_loss = F.cross_entropy(logits, y)
+        out: dict[str, Tensor] = {"logits": logits, "task_loss": task_loss}
+        loss = task_loss
+        if self.feature_reg is not None:
+            with FeatureExtractor(self.source, self.layers, stop_after_last=True) as extractor:
+                with torch.no_grad():
+                    extractor.run(x)
+                source_maps = extractor.pop()
+            key = "reg/delta" if self.method == "delta" else "reg/fm"
+            out[key] = self.alpha * self.feature_reg(source_maps, target_maps)
+            loss = loss + out[key]
+        if self.l2sp is not None:
+            out["reg/l2sp"] = self.alpha * self.l2sp(dict(self.model.named_parameters()))
+            loss = loss + out["reg/l2sp"]
+        if self.method != "l2":
+            out["reg/head"] = self.beta * self.head_reg(dict(self.model.named_parameters()))
+            loss = loss + out["reg/head"]
+        out["loss"] = loss
+        return out

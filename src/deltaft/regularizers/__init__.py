@@ -1,0 +1,17 @@
+"""Regularizers: pure functions in :mod:`.functional`, thin modules in :mod:`.modules`."""
+
+from deltaft.regularizers import functional
+from deltaft.regularizers.modules import (
+    DeltaRegularizer,
+    FeatureMapRegularizer,
+    L2Regularizer,
+    L2SPRegularizer,
+)
+
+__all__ = [
+    "DeltaRegularizer",
+    "FeatureMapRegularizer",
+    "L2Regularizer",
+    "L2SPRegularizer",
+    "functional",
+]

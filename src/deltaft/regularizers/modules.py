@@ -1,0 +1,108 @@
+"""Thin ``nn.Module`` wrappers over :mod:`deltaft.regularizers.functional`.
+
+Each module holds its hyperparameters and reference tensors in buffers, so they move with
+``.to()``, land in ``state_dict()`` and survive a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from deltaft.regularizers import functional as RF
+
+__all__ = ["DeltaRegularizer", "FeatureMapRegularizer", "L2Regularizer", "L2SPRegularizer"]
+
+
+def _buffer_name(name: str) -> str:
+    # Buffer names cannot contain dots; keep the mapping reversible.
+    return name.replace(".", "__")
+
+
+class DeltaRegularizer(nn.Module):
+    """:func:`~deltaft.regularizers.functional.delta_penalty` with stored attention.
+
+    Args:
+        layers: layer names, in order.
+        weights: per-layer channel attention ``(C,)`` summing to 1; ``None`` for uniform.
+        reduction: ``"sum"`` (reference) or ``"mean"``.
+    """
+
+    def __init__(
+        self,
+        layers: list[str],
+        weights: Mapping[str, Tensor] | None = None,
+        reduction: RF.Reduction = "sum",
+    ) -> None:
+        super().__init__()
+        RF._check_reduction(reduction)
+        self.layers = list(layers)
+        self.reduction: RF.Reduction = reduction
+        self.uniform = weights is None
+        if weights is not None:
+            missing = [n for n in self.layers if n not in weights]
+            if missing:
+                raise ValueError(
+                    f"Attention has no weights for layers {missing}; it covers {sorted(weights)}."
+                )
+            for name in self.layers:
+                w = weights[name].detach().to(torch.float32).clone()
+                self.register_buffer(_buffer_name(name), w)
+
+    def weights(self) -> dict[str, Tensor] | None:
+        """The attention weights by layer name, or ``None`` when uniform."""
+        if self.uniform:
+            return None
+        return {n: getattr(self, _buffer_name(n)) for n in self.layers}
+
+    def forward(self, source: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
+        return RF.delta_penalty(source, target, self.weights(), self.reduction)
+
+
+class FeatureMapRegularizer(nn.Module):
+    """:func:`~deltaft.regularizers.functional.feature_map_penalty` (method ``fm``)."""
+
+    def __init__(self, reduction: RF.Reduction = "sum") -> None:
+        super().__init__()
+        RF._check_reduction(reduction)
+        self.reduction: RF.Reduction = reduction
+
+    def forward(self, source: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
+        return RF.feature_map_penalty(source, target, self.reduction)
+
+
+class L2SPRegularizer(nn.Module):
+    """:func:`~deltaft.regularizers.functional.l2sp_penalty` toward stored starting values.
+
+    Args:
+        reference: parameter name -> starting value; copied into buffers.
+    """
+
+    def __init__(self, reference: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.names = list(reference)
+        for name, value in reference.items():
+            self.register_buffer(_buffer_name(name), value.detach().clone())
+
+    def reference(self) -> dict[str, Tensor]:
+        """Starting values by parameter name."""
+        return {n: getattr(self, _buffer_name(n)) for n in self.names}
+
+    def forward(self, params: Mapping[str, Tensor]) -> Tensor:
+        return RF.l2sp_penalty(params, self.reference())
+
+
+class L2Regularizer(nn.Module):
+    """:func:`~deltaft.regularizers.functional.l2_penalty` over the named parameters."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = list(names)
+
+    def forward(self, params: Mapping[str, Tensor]) -> Tensor:
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise ValueError(f"Parameters {missing[:5]} not found; pass model.named_parameters().")
+        return RF.l2_penalty([params[n] for n in self.names])

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from deltaft import FeatureExtractor, TransferObjective
+from deltaft.regularizers import functional as RF
+from tests.conftest import TinyNet
+
+LAYERS = ["conv1", "conv2"]
+
+
+def _pair(num_classes: int = 4) -> tuple[TinyNet, TinyNet]:
+    torch.manual_seed(0)
+    source = TinyNet(num_classes=5)
+    with torch.no_grad():  # non-trivial running statistics, like a pretrained net
+        source.train()(torch.randn(8, 3, 16, 16) * 2 + 1)
+    source.eval()
+    model = copy.deepcopy(source)
+    model.fc = nn.Linear(16, num_classes)
+    return model, source
+
+
+def _objective(method: str, **kwargs) -> TransferObjective:  # type: ignore[no-untyped-def]
+    model, source = _pair()
+    if method in ("fm", "delta"):
+        kwargs.setdefault("layers", LAYERS)
+    if method == "delta":
+        kwargs.setdefault("attention", "uniform")
+    return TransferObjective(model, source, method, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["l2", "l2sp", "fm", "delta"])
+def test_training_step_leaves_source_bit_identical(method: str, batch) -> None:  # type: ignore[no-untyped-def]
+    model, source = _pair()
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    kwargs = {"layers": LAYERS} if method in ("fm", "delta") else {}
+    if method == "delta":
+        kwargs["attention"] = "uniform"
+    objective = TransferObjective(model, source, method, **kwargs)  # type: ignore[arg-type]
+    frozen_before = {k: v.clone() for k, v in objective.source.state_dict().items()}
+    optimizer = torch.optim.SGD(objective.param_groups(lr=0.1), lr=0.1, momentum=0.9)
+    objective.train()
+    for _ in range(2):
+        out = objective(*batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    for name, value in source.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for name, value in objective.source.state_dict().items():
+        assert torch.equal(value, frozen_before[name]), name
+    assert not objective.source.training
+    assert all(not p.requires_grad for p in objective.source.parameters())
+    assert not torch.equal(model.fc.weight, objective.source.fc.weight[:4])  # the model did train
+
+
+def test_parts_match_functional(batch) -> None:  # type: ignore[no-untyped-def]
+    x, y = batch
+    gen = torch.Generator().manual_seed(5)
+    weights = {
+        "conv1": torch.softmax(torch.randn(8, generator=gen), 0),
+        "conv2": torch.softmax(torch.randn(16, generator=gen), 0),
+    }
+    objective = _objective("delta", attention=weights, alpha=0.3, beta=0.2).train()
+    out = objective(x, y)
+    model, source = objective.model, objective.source
+    with FeatureExtractor(model, LAYERS) as fx:
+        logits = model(x)
+        target = fx.pop()
+    with FeatureExtractor(source, LAYERS) as fx, torch.no_grad():
+        source(x)
+        src = fx.pop()
+    head = 0.5 * (model.fc.weight.pow(2).sum() + model.fc.bias.pow(2).sum())
+    assert_close(out["task_loss"], nn.functional.cross_entropy(logits, y))
+    assert_close(out["reg/delta"], 0.3 * RF.delta_penalty(src, target, weights))
+    assert_close(out["reg/head"], 0.2 * head)
+    assert_close(out["loss"], out["task_loss"] + out["reg/delta"] + out["reg/head"])
+    assert out["reg/delta"] > 0  # BN batch statistics vs running statistics differ at step 0
+
+
+def test_fm_and_l2sp_parts(batch) -> None:  # type: ignore[no-untyped-def]
+    fm = _objective("fm", alpha=0.5, reduction="mean").eval()
+    out = fm(*batch)
+    # in eval mode with equal backbones the maps agree: no feature-map penalty at step 0
+    assert out["reg/fm"].item() == pytest.approx(0.0, abs=1e-10)
+    l2sp = _objective("l2sp", alpha=0.5)
+    with torch.no_grad():
+        l2sp.model.conv1.weight.add_(1.0)
+    out = l2sp(*batch)
+    assert_close(out["reg/l2sp"], 0.5 * 0.5 * torch.tensor(float(l2sp.model.conv1.weight.numel())))
+    assert "reg/l2sp" in out and "reg/head" in out
+
+
+def test_l2_uses_weight_decay_only(batch) -> None:  # type: ignore[no-untyped-def]
+    objective = _objective("l2", weight_decay=1e-3)
+    out = objective(*batch)
+    assert set(out) == {"loss", "logits", "task_loss"}
+    assert_close(out["loss"], out["task_loss"])
+    groups = objective.param_groups(lr=0.1, head_lr=1.0)
+    assert [g["name"] for g in groups] == ["backbone", "head"]
+    assert [g["weight_decay"] for g in groups] == [1e-3, 1e-3]
+    assert [g["lr"] for g in groups] == [0.1, 1.0]
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len(list(objective.model.parameters()))
+    assert [g["weight_decay"] for g in _objective("delta").param_groups()] == [0.0, 0.0]
+
+
+def test_source_runs_only_to_last_layer(batch) -> None:  # type: ignore[no-untyped-def]
+    objective = _objective("delta", layers=["conv1"])
+    ran = []
+    objective.source.conv2.register_forward_hook(lambda *a: ran.append("conv2"))
+    objective(*batch)
+    assert ran == []
+
+
+def test_train_keeps_source_in_eval() -> None:
+    objective = _objective("fm")
+    objective.train()
+    assert objective.model.training and not objective.source.training
+
+
+def test_inception_style_tuple_output(batch) -> None:  # type: ignore[no-untyped-def]
+    class TupleNet(TinyNet):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+            logits = super().forward(x)
+            return logits, logits * 0
+
+    torch.manual_seed(0)
+    source = TupleNet(num_classes=4)
+    out = TransferObjective(copy.deepcopy(source), source, "fm", layers=["conv1"])(*batch)
+    assert out["logits"].shape == (6, 4)
+
+
+def test_errors() -> None:
+    model, source = _pair()
+    with pytest.raises(ValueError, match="method must be one of l2, l2sp, fm, delta"):
+        TransferObjective(model, source, "bss")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="alpha must be >= 0, got -1"):
+        TransferObjective(model, source, "fm", alpha=-1)
+    with pytest.raises(ValueError, match="beta must be >= 0, got nan"):
+        TransferObjective(model, source, "fm", beta=float("nan"))
+    with pytest.raises(ValueError, match="needs channel attention"):
+        TransferObjective(model, source, "delta", layers=LAYERS)
+    with pytest.raises(ValueError, match="attention must be 'uniform'"):
+        TransferObjective(model, source, "delta", layers=LAYERS, attention="flat")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only used by method 'delta'"):
+        TransferObjective(model, source, "fm", attention="uniform")
+    with pytest.raises(ValueError, match="only used by methods 'fm' and 'delta'"):
+        TransferObjective(model, source, "l2", layers=LAYERS)
+    with pytest.raises(ValueError, match="has no parameters"):
+        TransferObjective(nn.Sequential(model, nn.ReLU()), source, "l2", head="1")
+    with pytest.raises(
+        ValueError,
+        match=r"source to have parameter 'stem.0.weight' of shape \(8, 3, 3, 3\), got \(4, 3",
+    ):
+        other = TinyNet(width=4)
+        TransferObjective(model, other, "l2sp")
