@@ -79,6 +79,8 @@ class TransferObjective(nn.Module):
         reduction: ``"sum"`` over the batch (reference, ``alpha=0.01`` at batch 64) or ``"mean"``.
         weight_decay: the ``l2`` method's decay, applied by :meth:`param_groups`.
         input_size: image size of the dry forward pass that finds default layers.
+        truncate_source: stop the source's forward after the last regularized layer (the
+            default); ``False`` runs it whole, as a straightforward implementation would.
 
     Example:
         >>> import copy, torch, torchvision
@@ -105,6 +107,7 @@ class TransferObjective(nn.Module):
         reduction: RF.Reduction = "sum",
         weight_decay: float = 1e-4,
         input_size: int = 224,
+        truncate_source: bool = True,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -122,6 +125,7 @@ class TransferObjective(nn.Module):
         if not self.head_names:
             raise ValueError(f"Head {self.head!r} has no parameters; name the new classifier.")
         self.source = copy.deepcopy(source).eval().requires_grad_(False)
+        self.truncate_source = truncate_source
         self.layers: list[str] = []
         self.feature_reg: nn.Module | None = None
         self.l2sp: L2SPRegularizer | None = None
@@ -229,8 +233,9 @@ class TransferObjective(nn.Module):
         out: dict[str, Tensor] = {"logits": logits, "task_loss": task_loss}
         loss = task_loss
         if self.feature_reg is not None:
-            with FeatureExtractor(self.source, self.layers, stop_after_last=True) as extractor:
-                with torch.no_grad():
+            stop = self.truncate_source
+            with FeatureExtractor(self.source, self.layers, stop_after_last=stop) as extractor:
+                with torch.inference_mode():
                     extractor.run(x)
                 source_maps = extractor.pop()
             key = "reg/delta" if self.method == "delta" else "reg/fm"

@@ -1,0 +1,86 @@
+"""Question 1: how much does each regularizer add to a training step, relative to plain `l2`?
+
+Prints, per model, the median time of one SGD step (forward, backward, update) for every method,
+measured interleaved in one process, and its ratio to `l2`. `delta (full source)` runs the frozen
+source network to the end, as a straightforward implementation does; `delta` stops it after the
+last regularized layer. Target (DESIGN.md section 3): delta / l2 <= 1.25.
+
+    python benchmarks/step_overhead.py --batch 32 --image 112 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from collections.abc import Callable
+
+import torch
+
+from benchmarks._common import MODELS, batch, interleaved_median, source_and_model
+from deltaft import TransferObjective
+
+
+def _step_fn(objective: TransferObjective, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(objective.param_groups(lr=1e-4), lr=1e-4, momentum=0.9)
+    objective.train()
+
+    def step() -> None:
+        out = objective(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+
+    return step
+
+
+def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) -> None:
+    source, model = source_and_model(model_name)
+    x, y = (t.to(device) for t in batch(batch_size, image))
+    variants = {
+        "l2": {"method": "l2"},
+        "l2sp": {"method": "l2sp"},
+        "fm": {"method": "fm"},
+        "delta": {"method": "delta", "attention": "uniform"},
+        "delta (full source)": {
+            "method": "delta",
+            "attention": "uniform",
+            "truncate_source": False,
+        },
+    }
+    fns = {}
+    for label, kwargs in variants.items():
+        # Each variant trains its own copy so that no step sees another's updates.
+        objective = TransferObjective(
+            __import__("copy").deepcopy(model), source, input_size=image, **kwargs
+        ).to(device)
+        fns[label] = _step_fn(objective, x, y)
+    medians = interleaved_median(fns, rounds)
+    base = medians["l2"]
+    print(f"\n{model_name}, batch {batch_size}, {image}x{image}, {device}, {rounds} rounds")
+    print("| method | s / step (median) | ratio to l2 |")
+    print("|---|---|---|")
+    for label, seconds in medians.items():
+        print(f"| {label} | {seconds:.3f} | {seconds / base:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image", type=int, default=112)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    for name in args.models.split(","):
+        run(name, args.batch, args.image, args.rounds, args.device)
+
+
+if __name__ == "__main__":
+    main()
