@@ -160,3 +160,25 @@ def test_errors() -> None:
     ):
         other = TinyNet(width=4)
         TransferObjective(model, other, "l2sp")
+
+
+def test_folded_source_gives_the_same_penalty(batch) -> None:  # type: ignore[no-untyped-def]
+    folded = _objective("delta", layers=["stem.0", "conv2"]).train()
+    plain = _objective("delta", layers=["stem.0", "conv2"], fold_source_bn=False).train()
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.source.modules()) < 3
+    assert_close(folded(*batch)["reg/delta"], plain(*batch)["reg/delta"], rtol=1e-5, atol=1e-6)
+
+
+def test_fold_batchnorm_falls_back_on_untraceable(batch) -> None:  # type: ignore[no-untyped-def]
+    from deltaft._fuse import fold_batchnorm
+
+    class Branchy(TinyNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                x = x * 1.0
+            return super().forward(x)
+
+    net = Branchy().eval()
+    out = fold_batchnorm(net, ["conv1"])
+    assert isinstance(out, Branchy) and out is not net
+    assert_close(out(batch[0]), net(batch[0]))
