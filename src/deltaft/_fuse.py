@@ -51,7 +51,6 @@ def _fold(module: nn.Module, protected: Collection[str]) -> nn.Module:
             or not bn.track_running_stats
         ):
             continue
-        gm.get_submodule(conv_node.target)  # exists
         fused = fuse_conv_bn_eval(conv, bn)
         parent, _, name = str(conv_node.target).rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, fused)
