@@ -71,3 +71,77 @@ def ref_l2_penalty(params: list[Tensor]) -> Tensor:
         for value in p.flatten().tolist():
             total += value**2
     return torch.tensor(0.5 * total, dtype=torch.float64)
+
+
+# --- attention references ---
+
+
+def ref_removal_scores(
+    model: torch.nn.Module,
+    batches: list[tuple[Tensor, Tensor]],
+    layers: list[str],
+    only: list[int] | None = None,
+) -> dict[str, Tensor]:
+    """delta[l][j] = mean_b ( CE(model(x_b) with output channel j of l zeroed, y_b) - CE(...) ).
+
+    A plain double loop: one full forward per layer, channel and batch, in eval mode. ``only``
+    restricts the channels (the result then has ``len(only)`` entries per layer).
+    """
+    model.eval()
+    modules = dict(model.named_modules())
+    scores: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name in layers:
+            per_batch = []
+            for x, y in batches:
+                base = torch.nn.functional.cross_entropy(model(x), y)
+                deltas = []
+                channels = range(_output_channels(modules[name], model, x))
+                for j in channels if only is None else only:
+
+                    def zero_channel(
+                        module: torch.nn.Module, args: object, out: Tensor, j: int = j
+                    ) -> Tensor:
+                        out = out.clone()
+                        out[:, j] = 0
+                        return out
+
+                    handle = modules[name].register_forward_hook(zero_channel)
+                    try:
+                        logits = model(x)
+                    finally:
+                        handle.remove()
+                    deltas.append(torch.nn.functional.cross_entropy(logits, y) - base)
+                per_batch.append(torch.stack(deltas))
+            scores[name] = torch.stack(per_batch).mean(dim=0)
+    return scores
+
+
+def _output_channels(module: torch.nn.Module, model: torch.nn.Module, x: Tensor) -> int:
+    seen: list[int] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def ref_attention_from_scores(
+    scores: dict[str, Tensor], temperature: float = 5.0
+) -> dict[str, Tensor]:
+    """z = (s - mean) / np.std(s) (ddof=0); w = exp(z/T) / sum(exp(z/T)); uniform if std = 0."""
+    import numpy as np
+
+    weights = {}
+    for name, s in scores.items():
+        values = s.double().numpy()
+        std = np.std(values)
+        if std == 0:
+            w = np.full(len(values), 1.0 / len(values))
+        else:
+            z = (values - np.mean(values)) / std
+            e = np.array([np.exp(zj / temperature) for zj in z])
+            w = e / np.sum(e)
+        weights[name] = torch.from_numpy(w)
+    return weights

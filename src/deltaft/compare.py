@@ -1,0 +1,576 @@
+"""Run several methods on the same data and seeds and tabulate their accuracy.
+
+``deltaft compare --methods l2,l2sp,delta --seeds 3 --out DIR ...`` trains every method with every
+seed, each run in its own folder ``DIR/<method>-seed<seed>`` (a normal ``deltaft train`` run
+folder), then writes ``DIR/compare.md`` (markdown table), ``DIR/compare.json`` (every number) and
+``DIR/compare.png`` (bar chart). A run whose ``summary.json`` exists is reused, not re-run, so an
+interrupted comparison continues where it stopped and adding a method or a seed only trains what is
+new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from deltaft.errors import UserError
+from deltaft.objective import METHODS
+from deltaft.plots import plot_compare
+from deltaft.tracking import RunDir
+
+if TYPE_CHECKING:
+    from deltaft.config import TrainConfig
+    from deltaft.engine import ProgressFn
+
+__all__ = [
+    "COMPARE_METHODS",
+    "CompareResult",
+    "CompareRow",
+    "RunResult",
+    "add_parser",
+    "parse_methods",
+    "parse_seeds",
+    "run_compare",
+]
+
+logger = logging.getLogger(__name__)
+
+SCRATCH = "scratch"
+# Every training method, plus "scratch": method l2 from randomly initialised weights.
+COMPARE_METHODS: tuple[str, ...] = (*METHODS, SCRATCH)
+_SPLITS = ("test", "val")
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunResult:
+    """One training run of a comparison.
+
+    Attributes:
+        method: the compared method's name (``scratch`` included).
+        seed: the run's seed.
+        accuracy: accuracy in percent on ``split``.
+        split: ``"test"``, or ``"val"`` when the data has no test split.
+        seconds: the run's wall-clock time, from its summary.
+        run_dir: the run folder.
+        reused: whether the run was found finished on disk instead of trained now.
+    """
+
+    method: str
+    seed: int
+    accuracy: float
+    split: str
+    seconds: float
+    run_dir: Path
+    reused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (``run_dir`` as a string)."""
+        return {**dataclasses.asdict(self), "run_dir": str(self.run_dir)}
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """All runs of one method, in seed order.
+
+    Attributes:
+        method: the compared method's name.
+        runs: its runs.
+    """
+
+    method: str
+    runs: tuple[RunResult, ...]
+
+    @property
+    def accuracies(self) -> list[float]:
+        """Accuracy of each run, in percent."""
+        return [run.accuracy for run in self.runs]
+
+    @property
+    def n(self) -> int:
+        """Number of runs."""
+        return len(self.runs)
+
+    @property
+    def mean(self) -> float:
+        """Mean accuracy in percent (NaN without runs)."""
+        return statistics.fmean(self.accuracies) if self.runs else math.nan
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (``ddof=1``) of the accuracy in percent; 0 for one run."""
+        return statistics.stdev(self.accuracies) if self.n > 1 else 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Mean wall-clock seconds per run (NaN without runs)."""
+        return statistics.fmean(run.seconds for run in self.runs) if self.runs else math.nan
+
+    @property
+    def split(self) -> str:
+        """The evaluated split: ``"test"``, ``"val"``, or ``"test+val"`` when runs differ."""
+        return "+".join(s for s in _SPLITS if any(run.split == s for run in self.runs))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary of the row, without the runs."""
+        return {
+            "method": self.method,
+            "split": self.split,
+            "n": self.n,
+            "accuracy_mean": self.mean,
+            "accuracy_std": self.std,
+            "accuracies": self.accuracies,
+            "seeds": [run.seed for run in self.runs],
+            "seconds_per_run": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """The outcome of :func:`run_compare`.
+
+    Attributes:
+        rows: one :class:`CompareRow` per method, in the order the methods were given.
+        seeds: the seeds every method ran with.
+        out: the comparison folder.
+        files: what :meth:`write` wrote (``markdown``, ``json``, ``plot``), once it has run.
+    """
+
+    rows: list[CompareRow]
+    seeds: list[int]
+    out: Path
+    files: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+    @property
+    def runs(self) -> list[RunResult]:
+        """Every run, method by method."""
+        return [run for row in self.rows for run in row.runs]
+
+    def table_markdown(self) -> str:
+        """The markdown table, one row per method, and a line saying what the numbers are.
+
+        Columns: ``method``, ``accuracy (mean ± std, %)``, ``runs``, ``seconds / run``. The std is
+        the sample standard deviation over seeds (``ddof=1``), 0 when a method has a single run.
+
+        Example::
+
+            | method | accuracy (mean ± std, %) | runs | seconds / run |
+            |---|---:|---:|---:|
+            | l2 | 90.53 ± 0.45 | 3 | 41.2 |
+            | delta | 92.50 ± 0.56 | 3 | 55.0 |
+
+            Accuracy on the test split, mean ± sample std (ddof=1) over seeds 0, 1, 2 ...
+        """
+        lines = [
+            "| method | accuracy (mean ± std, %) | runs | seconds / run |",
+            "|---|---:|---:|---:|",
+        ]
+        splits = {row.split for row in self.rows}
+        for row in self.rows:
+            note = f" ({row.split})" if len(splits) > 1 else ""
+            lines.append(
+                f"| {row.method} | {row.mean:.2f} ± {row.std:.2f}{note} | {row.n} | "
+                f"{row.seconds:.1f} |"
+            )
+        if len(splits) == 1:
+            (split,) = splits
+            where = f"the {split} split" + (
+                " (the data has no test split)" if split == "val" else ""
+            )
+        else:
+            where = "the split named in each row (val: the data has no test split)"
+        seeds = ", ".join(str(s) for s in self.seeds)
+        lines += [
+            "",
+            f"Accuracy on {where}, mean ± sample standard deviation (ddof=1) over seeds {seeds}; "
+            "the std is 0 for a method with a single run. Seconds: wall-clock time of one run.",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _seed_table(self) -> str:
+        """Markdown table of every run's accuracy, one column per seed (paired across methods)."""
+        lines = [
+            "| method | " + " | ".join(f"seed {s}" for s in self.seeds) + " |",
+            "|---|" + "---:|" * len(self.seeds),
+        ]
+        for row in self.rows:
+            by_seed = {run.seed: run.accuracy for run in row.runs}
+            cells = [f"{by_seed[s]:.2f}" if s in by_seed else "" for s in self.seeds]
+            lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in ``compare.json``: seeds, per-method rows and every run."""
+        return {
+            "seeds": self.seeds,
+            "methods": [row.method for row in self.rows],
+            "rows": [row.to_dict() for row in self.rows],
+            "runs": [run.to_dict() for run in self.runs],
+        }
+
+    def write(self, out: Path | None = None) -> dict[str, Path | None]:
+        """Write ``compare.md``, ``compare.json`` and ``compare.png`` into ``out`` (or ``.out``).
+
+        Returns:
+            ``{"markdown": path, "json": path, "plot": path or None}``; the plot is ``None``
+            when matplotlib is not installed.
+        """
+        out = self.out if out is None else Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        markdown = out / "compare.md"
+        markdown.write_text(
+            "# deltaft compare\n\n"
+            + self.table_markdown()
+            + "\n## Accuracy of each run (%)\n\n"
+            + self._seed_table()
+        )
+        summary = out / "compare.json"
+        summary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        splits = "/".join(sorted({row.split for row in self.rows}))
+        plot = plot_compare(
+            {row.method: row.accuracies for row in self.rows},
+            out / "compare.png",
+            title=f"{splits} accuracy, {len(self.seeds)} seed(s)",
+        )
+        return {"markdown": markdown, "json": summary, "plot": plot}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+def parse_methods(text: str | Sequence[str]) -> list[str]:
+    """Validate a comma-separated list (or a sequence) of methods to compare.
+
+    Raises:
+        UserError: empty, unknown or repeated names.
+
+    Example:
+        >>> parse_methods("l2, delta,scratch")
+        ['l2', 'delta', 'scratch']
+    """
+    names = text.split(",") if isinstance(text, str) else list(text)
+    methods = [name.strip() for name in names if name.strip()]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    if not methods or unknown:
+        raise UserError(
+            f"Unknown method(s) {unknown or text!r}: expected a comma-separated list of "
+            f"{', '.join(COMPARE_METHODS)} ('scratch' is l2 from random weights), "
+            "e.g. l2,l2sp,delta."
+        )
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise UserError(f"Method(s) {', '.join(repeated)} given more than once in {text!r}.")
+    return methods
+
+
+def parse_seeds(value: str | int | Sequence[int]) -> list[int]:
+    """Seeds from a count ``N`` (seeds ``0 .. N-1``) or an explicit comma-separated list.
+
+    A single number is a count: ``"3"`` means seeds 0, 1, 2; write ``"3,"`` for seed 3 alone.
+
+    Raises:
+        UserError: a count below 1, a non-integer or a repeated seed.
+
+    Example:
+        >>> parse_seeds("3"), parse_seeds("0,7,42"), parse_seeds(2)
+        ([0, 1, 2], [0, 7, 42], [0, 1])
+    """
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            numbers = [int(p) for p in parts if p]
+        except ValueError:
+            raise UserError(
+                f"Seeds must be a count N (seeds 0..N-1) or a comma-separated list of integers, "
+                f"got {value!r}; e.g. 3 or 0,1,2."
+            ) from None
+        value = numbers[0] if "," not in value and len(numbers) == 1 else numbers
+    if isinstance(value, int):
+        if value < 1:
+            raise UserError(f"The number of seeds must be >= 1, got {value}.")
+        return list(range(value))
+    seeds = [int(s) for s in value]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"Seeds must be a non-empty list of distinct integers, got {seeds}.")
+    return seeds
+
+
+def _run_config(base: TrainConfig, method: str, seed: int, run_dir: Path) -> TrainConfig:
+    """``base`` with the method, seed and output folder of one run.
+
+    ``scratch`` is ``l2`` with ``weights="none"``. Options that only some methods use are dropped
+    from the others: ``layers`` (``fm`` and ``delta``) and ``attention`` (``delta``).
+    """
+    trained = "l2" if method == SCRATCH else method
+    changes: dict[str, Any] = {
+        "method": trained,
+        "seed": seed,
+        "out": str(run_dir),
+        "resume": False,
+    }
+    if method == SCRATCH:
+        changes["weights"] = "none"
+    if trained not in ("fm", "delta"):
+        changes["layers"] = None
+    if trained != "delta":
+        changes["attention"] = None
+    return dataclasses.replace(base, **changes)
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(
+            f"Cannot reuse {path}: {error}. Delete its run folder to train that run again."
+        ) from error
+    if not isinstance(summary, dict):
+        raise UserError(f"{path} is not a run summary (a JSON object); delete its run folder.")
+    return summary
+
+
+def _check_reusable(summary: Mapping[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse a finished run that was trained with other settings than this comparison's.
+
+    The summary's method and seed must match, and so must every setting of the run's stored
+    configuration (the summary's ``config``, else ``config.yaml``), runtime settings such as
+    ``device`` or ``workers`` aside (:data:`deltaft.config.RUNTIME_KEYS`).
+    """
+    for key in ("method", "seed"):
+        want, got = getattr(cfg, key), summary.get(key)
+        if got is not None and got != want:
+            raise UserError(
+                f"{run_dir} holds a run with {key} {got!r}, but this comparison needs {key} "
+                f"{want!r} there; use another --out folder or delete that run folder."
+            )
+    stored = summary.get("config")
+    stored_path = run_dir / "config.yaml"
+    if not isinstance(stored, dict) and stored_path.is_file():
+        try:
+            stored = yaml.safe_load(stored_path.read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise UserError(
+                f"Cannot read {stored_path} ({error}) to check that the run can be reused; "
+                "delete that run folder to train it again."
+            ) from error
+    differences = cfg.differences(stored) if isinstance(stored, dict) else {}
+    if differences:
+        listed = ", ".join(
+            f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differences.items()
+        )
+        raise UserError(
+            f"{run_dir} holds a finished run with other settings ({listed}); use another --out "
+            "folder for these settings, or delete that run folder to train it again."
+        )
+
+
+def _run_result(
+    method: str, seed: int, summary: Mapping[str, Any], run_dir: Path, *, reused: bool
+) -> RunResult:
+    for split in _SPLITS:
+        accuracy = summary.get(f"{split}_accuracy")
+        if accuracy is not None:
+            break
+    else:
+        raise UserError(
+            f"The run in {run_dir} reports neither a test nor a validation accuracy; give the "
+            "data a test/ or val/ folder, or a validation split (--val-split)."
+        )
+    return RunResult(
+        method=method,
+        seed=seed,
+        accuracy=100.0 * float(accuracy),
+        split=split,
+        seconds=float(summary.get("seconds") or 0.0),
+        run_dir=run_dir,
+        reused=reused,
+    )
+
+
+def run_compare(
+    base: TrainConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int] | int,
+    out: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+) -> CompareResult:
+    """Train every method with every seed on the same data and tabulate the accuracies.
+
+    Run ``(m, s)`` is :func:`deltaft.train.run_training` of ``base`` with method ``m``, seed ``s``
+    and output folder ``out / f"{m}-seed{s}"``; ``scratch`` is method ``l2`` with
+    ``weights="none"``. Everything else (data, model, subsampling, schedule, alpha, beta...) comes
+    from ``base``, so with the same seed every method sees the same data split and sample; ``delta``
+    estimates its attention inside each run. ``layers`` is dropped for methods other than ``fm``
+    and ``delta``, ``attention`` (a file to reuse) for methods other than ``delta``. Every run's
+    configuration is built, and so validated, before the first run trains. The accuracy is each
+    summary's ``test_accuracy`` (last epoch), or its ``val_accuracy`` when the data has no test
+    split.
+
+    Nothing is trained twice or overwritten: a run whose ``summary.json`` exists is reused (and
+    logged), after checking that its method, seed and settings are this comparison's; a run
+    folder without a summary (an interrupted run) is continued with ``resume=True`` from its last
+    checkpoint. So an interrupted comparison continues where it stopped, and adding a method or
+    a seed trains only the new runs. At the end ``compare.md``, ``compare.json`` and
+    ``compare.png`` are written into ``out``.
+
+    Args:
+        base: the training configuration shared by every run.
+        methods: names from :data:`COMPARE_METHODS`, e.g. ``["l2", "l2sp", "delta"]``.
+        seeds: the seeds, or a count ``N`` for seeds ``0 .. N-1``.
+        out: the comparison folder.
+        progress: passed on to :func:`~deltaft.train.run_training`.
+
+    Returns:
+        A :class:`CompareResult`; ``result.table_markdown()`` is the table.
+
+    Raises:
+        UserError: an unknown or repeated method, bad seeds or settings, or a finished run in
+            ``out`` trained with another method, seed or settings.
+    """
+    from deltaft.train import run_training
+
+    methods = parse_methods(methods)
+    seed_list = parse_seeds(seeds)
+    out = Path(out)
+    # Every run's settings are built (and validated) before the first one trains.
+    plan = [
+        (method, seed, _run_config(base, method, seed, out / f"{method}-seed{seed}"))
+        for method in methods
+        for seed in seed_list
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[RunResult]] = {method: [] for method in methods}
+    for index, (method, seed, cfg) in enumerate(plan, start=1):
+        run_dir = Path(cfg.out)
+        summary_path = run_dir / "summary.json"
+        if summary_path.is_file():
+            summary = _read_summary(summary_path)
+            _check_reusable(summary, cfg, run_dir)
+            logger.info("compare %d/%d: reusing finished run %s", index, len(plan), run_dir)
+            runs[method].append(_run_result(method, seed, summary, run_dir, reused=True))
+            continue
+        if RunDir(run_dir).holds_run():  # interrupted: continue from its last checkpoint
+            cfg = dataclasses.replace(cfg, resume=True)
+            logger.info("compare %d/%d: continuing interrupted run %s", index, len(plan), run_dir)
+        else:
+            logger.info("compare %d/%d: %s, seed %d -> %s", index, len(plan), method, seed, run_dir)
+        summary = run_training(cfg, progress=progress)
+        runs[method].append(_run_result(method, seed, summary, run_dir, reused=False))
+    rows = [CompareRow(method, tuple(method_runs)) for method, method_runs in runs.items()]
+    result = CompareResult(rows=rows, seeds=seed_list, out=out)
+    files = {name: path for name, path in result.write().items() if path is not None}
+    logger.info("compare: wrote %s", ", ".join(str(p) for p in files.values()))
+    return dataclasses.replace(result, files=files)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+_PER_RUN_FLAGS = {
+    "--method": "compare sets the method of each run: use --methods l2,delta (a comma list)",
+    "--seed": "compare sets the seed of each run: use --seeds 3 (seeds 0..2) or --seeds 0,7,42",
+    "--resume": "compare always continues: finished runs are reused, interrupted ones resumed",
+}
+
+
+class _Refuse(argparse.Action):
+    """A flag of ``deltaft train`` that ``compare`` sets per run: an error that says what to use."""
+
+    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        raise argparse.ArgumentError(self, f"not an option of compare; {self.hint}.")
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Turn a parser's ``UserError`` into argparse's error (usage line, exit status 2)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``compare`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result).
+
+    Its options are ``--methods``, ``--seeds`` and every option of ``deltaft train`` from
+    :func:`deltaft.cli.add_train_arguments`, with ``--out`` naming the comparison folder. The
+    comparison sets ``--method``, ``--seed`` and ``--resume`` per run: given, they are errors
+    that say what to use instead.
+    """
+    from deltaft.cli import add_train_arguments
+
+    parser = subparsers.add_parser(
+        "compare",
+        help="train several methods on the same data and seeds; print a table, write a plot",
+        description=(
+            "Train every method with every seed on the same data (runs in OUT/<method>-seed<seed>, "
+            "reused when finished, so an interrupted comparison continues), then print a markdown "
+            "table of accuracy (mean ± std over seeds) and write OUT/compare.md, compare.json and "
+            "compare.png."
+        ),
+    )
+    parser.add_argument(
+        "--methods",
+        type=_argument_type(parse_methods),
+        default=["l2", "l2sp", "delta"],
+        help=(
+            f"comma-separated methods out of {', '.join(COMPARE_METHODS)}; 'scratch' is l2 from "
+            "random weights (default: l2,l2sp,delta)"
+        ),
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_argument_type(parse_seeds),
+        default=[0, 1, 2],
+        help="a count N (seeds 0..N-1) or a comma-separated list of seeds (default: 3)",
+    )
+    add_train_arguments(parser)
+    for action in parser._actions:  # argparse has no public way to reword an added option
+        if action.dest == "out":
+            action.metavar = "OUT"
+            action.help = "comparison folder: one run folder per method and seed, compare.*"
+    # Without these, argparse would read --method / --seed as abbreviations of --methods / --seeds.
+    for flag, hint in _PER_RUN_FLAGS.items():
+        parser.add_argument(flag, nargs="?", action=_Refuse, help=argparse.SUPPRESS, hint=hint)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``deltaft compare``: run the comparison, print the table and where the files are."""
+    from deltaft.cli import config_from_args
+
+    base = config_from_args(args)  # --out may come from a --config file
+    result = run_compare(
+        base, args.methods, args.seeds, base.out, progress=getattr(args, "progress", None)
+    )
+    print(result.table_markdown())
+    for path in result.files.values():
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,292 @@
+"""The run directory: resolved config, per-epoch metrics, checkpoints, attention and summary.
+
+Layout of ``RUN_DIR``::
+
+    config.yaml               the resolved TrainConfig (``deltaft train --config`` reads it back)
+    metrics.jsonl             one JSON object per epoch
+    attention.safetensors     the channel attention used (method ``delta``)
+    checkpoints/last.pt       full training state, replaced atomically after every epoch
+    checkpoints/best.pt       model weights of the best epoch by validation accuracy
+    summary.json              final numbers, written at the end
+    curves.png attention.png  figures (with matplotlib)
+
+Every file is written to a temporary file in the same directory, flushed, fsync'ed and renamed
+over the target (``os.replace``), so a crash leaves either the old or the new file, never half
+of one. Checkpoints hold only tensors and plain Python values: they load with
+``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from deltaft.errors import UserError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "RunDir",
+    "atomic_write",
+    "capture_rng_state",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "deltaft.checkpoint/1"
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX; a no-op where directories can't be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, rename it to ``path``.
+
+    Parent folders are created. On any error the temporary file is removed and ``path`` is left
+    as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` ``state`` atomically, tagged with :data:`CHECKPOINT_FORMAT`."""
+    payload = {"format": CHECKPOINT_FORMAT, **state}
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises:
+        UserError: no file, or not a deltaft checkpoint (the message says how to recover).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"No checkpoint at {path}; was the run trained to the end of an epoch?")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # pickle, zip and weights_only errors have no common base class
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({first}).") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(
+            f"{path} is not a deltaft checkpoint (format "
+            f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
+            f"expected {CHECKPOINT_FORMAT!r})."
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG states as tensors and plain values, so that weights_only loading accepts them
+# ------------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """The global Python, NumPy, torch (and initialised CUDA) RNG states as plain values."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),  # 625 values < 2**32
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),  # (624,) uint32 values
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": list(cuda),
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only when as many devices exist)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["name"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory
+# ------------------------------------------------------------------------------------------------
+class RunDir:
+    """Reads and writes one run's files. With ``write=False`` (non-zero ranks) writes are no-ops.
+
+    Args:
+        path: the run directory (created on the first write).
+        write: whether this process writes files.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, write: bool = True) -> None:
+        self.path = Path(path)
+        self.write = write
+
+    # -- paths ----------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def attention_path(self) -> Path:
+        return self.path / "attention.safetensors"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint_path(self, name: str = "last") -> Path:
+        """``checkpoints/<name>.pt`` (``last`` or ``best``)."""
+        return self.checkpoint_dir / f"{name}.pt"
+
+    # -- state ----------------------------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """Whether the directory already holds (part of) a deltaft run."""
+        return any((self.path / name).exists() for name in _RUN_FILES)
+
+    def check_new(self) -> None:
+        """Refuse to start a fresh run where it could overwrite anything.
+
+        Raises:
+            UserError: the path is a file, holds a run, or is a non-empty directory.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file; choose a directory for the run.")
+        if self.holds_run():
+            raise UserError(
+                f"--out {self.path} already holds a run; use --resume to continue it or choose "
+                "a new --out."
+            )
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise UserError(
+                f"--out {self.path} is a non-empty directory; choose a new or empty --out."
+            )
+
+    # -- writers --------------------------------------------------------------------------------
+    def write_config(self, yaml_text: str) -> None:
+        if self.write:
+            _write_text(self.config_path, yaml_text)
+
+    def reset_metrics(self, rows: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Replace ``metrics.jsonl`` with ``rows`` (on resume: the checkpoint's history)."""
+        if self.write:
+            _write_text(self.metrics_path, "".join(_json_line(row) for row in rows))
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append one JSON line to ``metrics.jsonl`` and fsync it."""
+        if not self.write:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(_json_line(row))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_checkpoint(self, state: Mapping[str, Any], name: str = "last") -> None:
+        if self.write:
+            save_checkpoint(state, self.checkpoint_path(name))
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        if self.write:
+            text = json.dumps(_plain(summary), indent=2, allow_nan=False) + "\n"
+            _write_text(self.summary_path, text)
+
+    # -- readers --------------------------------------------------------------------------------
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every row of ``metrics.jsonl`` (an empty list when there is none)."""
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def read_summary(self) -> dict[str, Any]:
+        if not self.summary_path.is_file():
+            raise UserError(f"No summary.json in {self.path}; the run has not finished.")
+        data: dict[str, Any] = json.loads(self.summary_path.read_text(encoding="utf-8"))
+        return data
+
+    def load_checkpoint(self, name: str = "last") -> dict[str, Any]:
+        return load_checkpoint(self.checkpoint_path(name))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become ``None``, tuples lists, paths strings."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _plain(value.item())
+    return value
+
+
+def _json_line(row: Mapping[str, Any]) -> str:
+    return json.dumps(_plain(row), allow_nan=False) + "\n"
