@@ -182,3 +182,17 @@ def test_fold_batchnorm_falls_back_on_untraceable(batch) -> None:  # type: ignor
     out = fold_batchnorm(net, ["conv1"])
     assert isinstance(out, Branchy) and out is not net
     assert_close(out(batch[0]), net(batch[0]))
+
+
+def test_source_bn_batch_removes_the_step0_mismatch(batch) -> None:  # type: ignore[no-untyped-def]
+    running = _objective("delta").train()
+    batched = _objective("delta", source_bn="batch").train()
+    before = {k: v.clone() for k, v in batched.source.state_dict().items()}
+    assert running(*batch)["reg/delta"] > 1e-3
+    # equal weights, both normalising with the batch's statistics: the maps agree
+    assert batched(*batch)["reg/delta"].item() == pytest.approx(0.0, abs=1e-10)
+    for name, value in batched.source.state_dict().items():
+        assert torch.equal(value, before[name]), name  # running statistics untouched
+    assert all(not m.training for m in batched.source.modules())
+    with pytest.raises(ValueError, match="source_bn must be 'running' or 'batch'"):
+        _objective("delta", source_bn="train")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -47,6 +48,21 @@ def _logits(output: Any) -> Tensor:
     )
 
 
+@contextlib.contextmanager
+def _batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Let every BatchNorm in ``module`` normalise with batch statistics, updating nothing."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            # training + no tracking: batch statistics, running buffers neither read nor written
+            m.training, m.track_running_stats = True, False
+        yield
+    finally:
+        for m, (training, track) in zip(norms, saved, strict=True):
+            m.training, m.track_running_stats = training, track
+
+
 class TransferObjective(nn.Module):
     r"""Loss of one fine-tuning step for ``l2``, ``l2sp``, ``fm`` or ``delta``.
 
@@ -84,7 +100,14 @@ class TransferObjective(nn.Module):
             default); ``False`` runs it whole, as a straightforward implementation would.
         fold_source_bn: fold the frozen source's eval-mode BatchNorm into its convolutions
             (``fm``/``delta`` only): the same maps up to float round-off, a faster forward.
-            Regularized modules keep their names and outputs.
+            Regularized modules keep their names and outputs. Not used with
+            ``source_bn="batch"``.
+        source_bn: how the source's BatchNorm normalises. ``"running"`` (the reference): eval
+            mode, ImageNet running statistics, while the target in train mode uses batch
+            statistics, so the maps differ at step 0 although the weights are equal.
+            ``"batch"``: the source's BatchNorm uses the current batch's statistics whenever the
+            target model is in train mode (its running statistics never change), which removes
+            that mismatch; in eval mode both use running statistics.
 
     Example:
         >>> import copy, torch, torchvision
@@ -113,6 +136,7 @@ class TransferObjective(nn.Module):
         input_size: int = 224,
         truncate_source: bool = True,
         fold_source_bn: bool = True,
+        source_bn: Literal["running", "batch"] = "running",
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -120,6 +144,8 @@ class TransferObjective(nn.Module):
         for label, value in (("alpha", alpha), ("beta", beta), ("weight_decay", weight_decay)):
             if not value >= 0:  # also rejects NaN
                 raise ValueError(f"{label} must be >= 0, got {value}.")
+        if source_bn not in ("running", "batch"):
+            raise ValueError(f"source_bn must be 'running' or 'batch', got {source_bn!r}.")
         if method != "delta" and attention is not None:
             raise ValueError(f"attention is only used by method 'delta', not {method!r}.")
         self.model = model
@@ -131,6 +157,7 @@ class TransferObjective(nn.Module):
             raise ValueError(f"Head {self.head!r} has no parameters; name the new classifier.")
         self.source = copy.deepcopy(source).eval().requires_grad_(False)
         self.truncate_source = truncate_source
+        self.source_bn = source_bn
         self.layers: list[str] = []
         self.feature_reg: nn.Module | None = None
         self.l2sp: L2SPRegularizer | None = None
@@ -143,7 +170,7 @@ class TransferObjective(nn.Module):
                 self.feature_reg = DeltaRegularizer(
                     self.layers, self._attention_weights(attention), reduction
                 )
-            if fold_source_bn:
+            if fold_source_bn and source_bn == "running":
                 self.source = fold_batchnorm(self.source, self.layers).requires_grad_(False)
         elif layers is not None:
             raise ValueError(f"layers are only used by methods 'fm' and 'delta', not {method!r}.")
@@ -241,8 +268,10 @@ class TransferObjective(nn.Module):
         loss = task_loss
         if self.feature_reg is not None:
             stop = self.truncate_source
+            batch_stats = self.source_bn == "batch" and self.model.training
+            norm = _batch_statistics(self.source) if batch_stats else contextlib.nullcontext()
             with FeatureExtractor(self.source, self.layers, stop_after_last=stop) as extractor:
-                with torch.inference_mode():
+                with torch.inference_mode(), norm:
                     extractor.run(x)
                 source_maps = extractor.pop()
             key = "reg/delta" if self.method == "delta" else "reg/fm"
