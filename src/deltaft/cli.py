@@ -563,6 +563,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(f"{type(error).__name__}: {error}")
         return 1
-    except KeyboardInterrupt:
-        _error("interrupted; continue a training run with --resume.")
+    except KeyboardInterrupt as error:  # a TrainingInterrupted says what it saved
+        _error(str(error) or "interrupted; continue a training run with --resume.")
         return 130

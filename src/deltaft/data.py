@@ -25,6 +25,7 @@ import logging
 import math
 import operator
 import os
+import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -151,7 +152,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` fully (so corrupt or truncated data fails here) and return an RGB copy."""
+    """Decode ``path`` fully (so corrupt or truncated data fails here) and return an RGB copy.
+
+    Raises:
+        OSError: not a regular file (a FIFO or a device would block or never end), or any
+            error of reading it.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # follows symlinks; ELOOP raises here
+        raise OSError(f"{path} is not a regular file")
     with Image.open(path) as image:
         image.load()
         try:
@@ -201,11 +209,19 @@ def _scan_images(folder: Path) -> list[str]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir(follow_symlinks=True):
+            if _is_dir(entry):
                 stack.append(Path(entry.path))
             elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(entry.path)
+                found.append(entry.path)  # a broken one is skipped with a warning when read
     return sorted(found)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """``entry.is_dir()`` following symlinks; ``False`` for a symlink loop (ELOOP)."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
 
 
 def _class_folders(root: Path) -> list[str]:

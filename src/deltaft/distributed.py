@@ -15,10 +15,17 @@ What each process does:
   (``requires_grad=False``) takes no part in the gradient reduction;
 * evaluation splits the images between processes without padding and sums the counts;
 * only rank 0 writes files and prints progress.
+
+A process that dies or hangs must not leave the others waiting for ever: every collective
+(and joining the group) gives up after ``DELTAFT_DIST_TIMEOUT`` seconds (default
+:data:`DEFAULT_TIMEOUT_S`, 30 minutes: long enough for rank 0 to estimate the attention while
+the others wait) and the waiting process exits with an error. A process that dies is usually
+noticed at once, when its connections close.
 """
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import os
@@ -32,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "DistInfo",
     "ShardSampler",
     "current",
@@ -43,6 +51,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 1800
+TIMEOUT_ENV = "DELTAFT_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -121,10 +132,15 @@ def init_from_env(device: str = "auto") -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment.
 
     Uses NCCL when CUDA is available and ``device`` is not ``cpu`` (each process on
-    ``cuda:LOCAL_RANK``), gloo otherwise. Without ``WORLD_SIZE > 1`` nothing happens.
+    ``cuda:LOCAL_RANK``), gloo otherwise. Without ``WORLD_SIZE > 1`` nothing happens. Joining
+    and every collective time out after ``DELTAFT_DIST_TIMEOUT`` seconds (default
+    :data:`DEFAULT_TIMEOUT_S`).
 
     Returns:
         This process's :class:`DistInfo`.
+
+    Raises:
+        ValueError: ``DELTAFT_DIST_TIMEOUT`` is not a positive number of seconds.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
@@ -135,12 +151,26 @@ def init_from_env(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=_timeout())
     info = current()
     logger.debug(
         "process %d (RANK %d) of %d joined (%s)", info.rank, rank, info.world_size, info.backend
     )
     return info
+
+
+def _timeout() -> datetime.timedelta:
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(text) if text else float(DEFAULT_TIMEOUT_S)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(
+            f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds, e.g. "
+            f"{TIMEOUT_ENV}={DEFAULT_TIMEOUT_S}."
+        )
+    return datetime.timedelta(seconds=seconds)
 
 
 def current() -> DistInfo:

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,10 +20,12 @@ from torch.nn import functional as F
 
 __all__ = [
     "Amp",
+    "EpochState",
     "NonFiniteLossError",
     "Progress",
     "ProgressFn",
     "ReduceFn",
+    "TrainingInterrupted",
     "autocast",
     "evaluate",
     "train_one_epoch",
@@ -36,6 +38,31 @@ ReduceFn = Callable[[Tensor], Tensor]
 
 class NonFiniteLossError(RuntimeError):
     """A loss part became NaN or infinite: training diverged."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped between two steps because ``should_stop`` asked for it (Ctrl-C)."""
+
+
+@dataclass
+class EpochState:
+    """Running totals of one epoch, updated after every step: what a mid-epoch checkpoint keeps.
+
+    Attributes:
+        step: steps done in this epoch.
+        sums: per loss part, the sum over those steps of the step's value.
+        correct: correctly classified training images so far.
+        images: training images so far.
+        seconds: training time of this epoch so far.
+        lr: learning rate of the first parameter group at the last step done.
+    """
+
+    step: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    correct: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,8 @@ def train_one_epoch(
     max_steps: int | None = None,
     channels_last: bool = False,
     reduce: ReduceFn | None = None,
+    state: EpochState | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Train ``objective`` for one pass over ``loader`` (or ``max_steps`` steps).
 
@@ -150,6 +179,11 @@ def train_one_epoch(
         channels_last: convert images to NHWC.
         reduce: sums a tensor over processes, for distributed training; the returned metrics are
             then the means over every process.
+        state: updated in place after every step. To continue an interrupted epoch, pass the
+            state it left and a ``loader`` positioned after its ``state.step`` batches (steps
+            are then numbered from ``state.step + 1`` and ``max_steps`` counts the whole epoch).
+        should_stop: asked after every step but the epoch's last; when it returns ``True``,
+            :class:`TrainingInterrupted` is raised and ``state`` holds the epoch so far.
 
     Returns:
         The epoch's means of every scalar part (``loss``, ``task_loss``, ``reg/...``), ``acc``
@@ -160,17 +194,21 @@ def train_one_epoch(
 
     Raises:
         NonFiniteLossError: a part was NaN or infinite; the message names it, the epoch and step.
+        TrainingInterrupted: ``should_stop`` returned ``True``.
         ValueError: the loader yielded no batch.
     """
     objective.train()
     steps = len(loader) if hasattr(loader, "__len__") else 0  # type: ignore[arg-type]
     if max_steps is not None:
         steps = min(steps, max_steps) if steps else max_steps
-    sums: dict[str, float] = {}
-    correct = images = step = 0
-    lr = float(optimizer.param_groups[0]["lr"])
-    start = time.perf_counter()
-    for step, batch in enumerate(_limited(loader, max_steps), start=1):
+    state = state if state is not None else EpochState()
+    sums = state.sums
+    remaining = None if max_steps is None else max_steps - state.step
+    if state.lr is None:
+        state.lr = float(optimizer.param_groups[0]["lr"])
+    out: Mapping[str, Any] = {}
+    start = time.perf_counter() - state.seconds
+    for step, batch in enumerate(_limited(loader, remaining), start=state.step + 1):
         x, y = _to_device(batch, device, channels_last)
         with autocast(device, amp):
             out = objective(x, y)
@@ -191,19 +229,20 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        lr = float(optimizer.param_groups[0]["lr"])
+        state.lr = float(optimizer.param_groups[0]["lr"])
         if scheduler is not None:
             scheduler.step()
         for key, value in part_values.items():
             sums[key] = sums.get(key, 0.0) + value
         if isinstance(logits, Tensor):
-            correct += int(values[-1])
-        images += int(y.shape[0])
+            state.correct += int(values[-1])
+        state.images += int(y.shape[0])
+        state.step = step
+        state.seconds = elapsed = time.perf_counter() - start
         if progress is not None:
-            elapsed = time.perf_counter() - start
             running = {key: value / step for key, value in sums.items()}
             if isinstance(logits, Tensor):
-                running["acc"] = correct / images
+                running["acc"] = state.correct / state.images
             progress(
                 Progress(
                     epoch=epoch,
@@ -211,24 +250,27 @@ def train_one_epoch(
                     step=step,
                     steps=max(steps, step),
                     metrics=running,
-                    images_per_s=images / elapsed if elapsed > 0 else 0.0,
+                    images_per_s=state.images / elapsed if elapsed > 0 else 0.0,
                     eta_s=elapsed / step * max(steps - step, 0),
-                    lr=lr,
+                    lr=state.lr,
                 )
             )
-    if step == 0:
+        if should_stop is not None and step < steps and should_stop():
+            raise TrainingInterrupted(f"epoch {epoch}, step {step}/{steps}")
+    if state.step == 0:
         raise ValueError(
             "The training loader yielded no batch; the training set is empty or smaller than "
             "one batch with drop_last."
         )
     seconds = time.perf_counter() - start
-    counts = {"steps": float(step), "images": float(images), "correct": float(correct)}
+    step = state.step
+    counts = {"steps": float(step), "images": float(state.images), "correct": float(state.correct)}
     totals = _reduce({**sums, **counts}, reduce)
     metrics = {key: totals[key] / totals["steps"] for key in sums}
     if "logits" in out:
         metrics["acc"] = totals["correct"] / totals["images"]
     metrics.update(
-        lr=lr,
+        lr=state.lr,
         steps=float(step),
         images=totals["images"],
         seconds=seconds,

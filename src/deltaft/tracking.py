@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write",
     "capture_rng_state",
     "load_checkpoint",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "save_checkpoint",
 ]
@@ -59,27 +60,62 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _os_error(error: BaseException) -> OSError | None:
+    """``error`` or the OSError behind it (``torch.save`` turns a failed write into a
+    RuntimeError whose context is the OSError)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync it, rename it to ``path``.
 
     Parent folders are created. On any error the temporary file is removed and ``path`` is left
     as it was.
+
+    Raises:
+        OSError: the file could not be written (disk full, read-only folder...); the message
+            names ``path`` and says that it is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    except BaseException as error:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        state = "is unchanged" if path.exists() else "was not created"
+        raise OSError(
+            cause.errno, f"Could not write {path} ({cause.strerror or cause}); {path.name} {state}"
+        ) from error
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` of ``folder/<name>`` left when its
+    process was killed mid-write; returns them. The files they were to replace are intact."""
+    stale = sorted(path for name in names for path in Path(folder).glob(f".{name}.*.tmp"))
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -225,6 +261,23 @@ class RunDir:
             raise UserError(
                 f"--out {self.path} is a non-empty directory; choose a new or empty --out."
             )
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete what a write interrupted by a kill left (see :func:`remove_stale_temporaries`)."""
+        if not self.write:
+            return
+        names = (
+            self.config_path.name,
+            self.metrics_path.name,
+            self.summary_path.name,
+            self.attention_path.name,
+            "curves.png",
+            "attention.png",
+        )
+        stale = remove_stale_temporaries(self.path, names)
+        stale += remove_stale_temporaries(self.checkpoint_dir, ("last.pt", "best.pt"))
+        for path in stale:
+            logger.info("Removed %s, left by an interrupted write.", path)
 
     # -- writers --------------------------------------------------------------------------------
     def write_config(self, yaml_text: str) -> None:

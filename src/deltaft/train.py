@@ -10,16 +10,20 @@ from a script or from :mod:`deltaft.compare`; use :mod:`deltaft.engine` and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import logging
 import math
 import random
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -32,7 +36,15 @@ from deltaft.attention import ChannelAttention, estimate_channel_attention, mode
 from deltaft.config import TrainConfig
 from deltaft.data import DataSplits, ImageFolder, build_datasets
 from deltaft.distributed import DistInfo, ShardSampler
-from deltaft.engine import Amp, ProgressFn, evaluate, train_one_epoch
+from deltaft.engine import (
+    Amp,
+    EpochState,
+    NonFiniteLossError,
+    ProgressFn,
+    TrainingInterrupted,
+    evaluate,
+    train_one_epoch,
+)
 from deltaft.errors import UserError
 from deltaft.heads import replace_head
 from deltaft.layers import default_layers, validate_layers
@@ -51,6 +63,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _FEATURE_METHODS = ("fm", "delta")
+_DOMINANT_RATIO = 10.0  # warn when the regularizer exceeds the task loss this many times
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,6 +275,7 @@ def _open_run(run: RunDir, cfg: TrainConfig) -> dict[str, Any] | None:
     if not cfg.resume:
         run.check_new()
         return None
+    run.remove_stale_temporaries()
     last = run.checkpoint_path("last")
     if last.is_file():
         state = run.load_checkpoint("last")
@@ -319,6 +333,41 @@ def _plot(rows: list[dict[str, Any]], attention: ChannelAttention | None, run: R
         logger.warning("Figures not written: %s: %s", type(error).__name__, error)
 
 
+def _reg_to_task(metrics: Mapping[str, float]) -> float | None:
+    """Sum of the ``reg/...`` parts over ``task_loss`` (``None`` without a regularizer part)."""
+    reg = [value for key, value in metrics.items() if key.startswith("reg/")]
+    task = metrics.get("task_loss")
+    if not reg or task is None:
+        return None
+    return sum(reg) / task if task > 0 else math.inf
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(enabled: bool) -> Iterator[Callable[[], bool]]:
+    """Within the block, a first Ctrl-C (SIGINT) only asks training to stop after the current
+    step, so that it can save where it is; a second one raises ``KeyboardInterrupt`` at once.
+
+    Yields whether a stop was asked. Only in the main thread, where SIGINT has Python's default
+    handler, and ``enabled`` (a single process: distributed ranks would stop at different steps).
+    """
+    asked = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    usable = threading.current_thread() is threading.main_thread()
+    if not (enabled and usable and previous is signal.default_int_handler):
+        yield asked.is_set
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        asked.set()
+        signal.signal(signal.SIGINT, previous)  # the next Ctrl-C interrupts at once
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ------------------------------------------------------------------------------------------------
 # deltaft train
 # ------------------------------------------------------------------------------------------------
@@ -340,6 +389,9 @@ def run_training(
     With ``cfg.resume`` it continues from ``checkpoints/last.pt`` (model, optimizer, schedule,
     scaler, RNG states, epoch, metrics) and ends with the same weights and metrics as an
     uninterrupted run: each epoch reseeds the RNGs and the data order from ``(seed, epoch)``.
+    On a single process, a first Ctrl-C stops training after the current step and saves
+    ``last.pt`` with the epoch's progress (a second Ctrl-C stops at once); resuming replays the
+    epoch's data order up to that step and continues it, again to the same result.
 
     Args:
         cfg: the run's settings.
@@ -355,7 +407,8 @@ def run_training(
 
     Raises:
         UserError: invalid data, model, layers, attention file, or run directory.
-        NonFiniteLossError: the loss diverged.
+        NonFiniteLossError: the loss diverged; ``last.pt`` keeps the last finished epoch.
+        TrainingInterrupted: Ctrl-C; the message says what was saved and how to resume.
     """
     started = time.perf_counter()
     dist = dist or distributed.current()
@@ -449,6 +502,8 @@ class _Training:
         self.best = _Best()
         self.epoch = self.global_step = 0
         self.elapsed_before = 0.0
+        self.partial: dict[str, Any] | None = None  # an interrupted epoch to continue
+        self.dominant_reported = False
 
     def _build_loaders(self) -> None:
         cfg, dist, train = self.cfg, self.dist, self.splits.train
@@ -516,23 +571,26 @@ class _Training:
             self.history = list(resume_state.get("metrics", []))
             self.best = _Best(**resume_state.get("best", {}))
             run.reset_metrics(self.history)  # drops a row written after the checkpoint
-            logger.info("Resuming %s after epoch %d of %d.", run.path, self.epoch, self.epochs)
+            partial = resume_state.get("partial")
+            if partial is not None:
+                self.partial = {**partial, "rng": resume_state["rng"]}
+            at = f", at step {partial['step']} of epoch {partial['epoch']}" if partial else ""
+            logger.info(
+                "Resuming %s after epoch %d of %d%s.", run.path, self.epoch, self.epochs, at
+            )
         fresh = resume_state is None or not run.attention_path.is_file()
         if self.attention is not None and self.dist.is_main and fresh:
             self.attention.save(run.attention_path)
 
-    def _save(self, row: Mapping[str, Any], started: float) -> None:
-        """``best.pt`` (when this epoch is the best), ``last.pt``, then the metrics line."""
-        model_state = self.objective.model.state_dict()
-        if self.best.update(self.epoch, row.get("val/acc")):
-            best = {"model": model_state, "epoch": self.epoch, **dataclasses.asdict(self.best)}
-            self.run.save_checkpoint({**self._meta(), **best}, "best")
-        state = {
-            "model": model_state,
+    def _last_state(self, epoch: int, started: float) -> dict[str, Any]:
+        """Everything ``last.pt`` holds after ``epoch`` finished epochs."""
+        return {
+            **self._meta(),
+            "model": self.objective.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": self.epoch,
+            "epoch": epoch,
             "epochs": self.epochs,
             "global_step": self.global_step,
             "rng": capture_rng_state(),
@@ -540,8 +598,55 @@ class _Training:
             "metrics": self.history,
             "seconds": self.elapsed_before + time.perf_counter() - started,
         }
-        self.run.save_checkpoint({**self._meta(), **state}, "last")
+
+    def _save(self, row: Mapping[str, Any], started: float) -> None:
+        """``best.pt`` (when this epoch is the best), ``last.pt``, then the metrics line."""
+        if self.best.update(self.epoch, row.get("val/acc")):
+            model_state = self.objective.model.state_dict()
+            best = {"model": model_state, "epoch": self.epoch, **dataclasses.asdict(self.best)}
+            self.run.save_checkpoint({**self._meta(), **best}, "best")
+        self.run.save_checkpoint(self._last_state(self.epoch, started), "last")
         self.run.append_metrics(row)
+
+    def _save_partial(self, state: EpochState, started: float) -> None:
+        """``last.pt`` in the middle of epoch ``self.epoch``: the finished epochs, plus the
+        epoch's running totals (``partial``) and the RNG states after its last step done."""
+        partial = {"epoch": self.epoch, **dataclasses.asdict(state)}
+        self.run.save_checkpoint({**self._last_state(self.epoch - 1, started), "partial": partial})
+
+    def _epoch_batches(self) -> tuple[Iterator[Any], EpochState]:
+        """This epoch's batches and totals; an interrupted epoch continues after its last step.
+
+        The data order depends only on ``(seed, epoch)``, so skipping the batches the
+        interrupted run trained on (they are loaded, not trained on) and restoring the RNG
+        states it saved puts the run exactly where it stopped.
+        """
+        batches = iter(self.train_loader)
+        partial, self.partial = self.partial, None
+        if partial is None or partial["epoch"] != self.epoch:
+            return batches, EpochState()
+        for _ in range(partial["step"]):
+            next(batches)
+        restore_rng_state(partial["rng"])
+        fields = {f.name: partial[f.name] for f in dataclasses.fields(EpochState)}
+        return batches, EpochState(**fields)
+
+    def _report_balance(self, metrics: Mapping[str, float]) -> float | None:
+        """The regularizer-to-task-loss ratio of the epoch; a warning when it dominates."""
+        ratio = _reg_to_task(metrics)
+        if ratio is not None and ratio > _DOMINANT_RATIO and not self.dominant_reported:
+            self.dominant_reported = True
+            logger.warning(
+                "epoch %d: the regularizer is %.3g times the task loss (task_loss %.4g): "
+                "--alpha %g (--beta %g) may dominate training; consider a smaller --alpha. "
+                "metrics.jsonl logs the ratio of every epoch (train/reg_to_task).",
+                self.epoch,
+                ratio,
+                metrics["task_loss"],
+                self.cfg.alpha,
+                self.cfg.beta,
+            )
+        return ratio
 
     # -- loop -----------------------------------------------------------------------------------
     def _evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
@@ -555,19 +660,44 @@ class _Training:
             reduce=reduce,
         )
 
+    def _resume_hint(self) -> str:
+        return f"continue it with: deltaft train --out {self.run.path} --resume"
+
     def fit(self, progress: ProgressFn | None, started: float) -> None:
-        """Train the remaining epochs; validate and checkpoint after each."""
+        """Train the remaining epochs; validate and checkpoint after each.
+
+        Raises:
+            TrainingInterrupted: Ctrl-C (see :func:`_stop_on_sigint`), after saving ``last.pt``.
+            NonFiniteLossError: with the epoch ``last.pt`` keeps added to the message.
+        """
+        with _stop_on_sigint(not self.dist.enabled) as stop:
+            trainer = distributed.wrap(self.objective, self.dist, self.device)
+            while self.epoch < self.epochs:
+                if stop():  # Ctrl-C while validating or saving: last.pt is this epoch's
+                    raise TrainingInterrupted(
+                        f"Interrupted after epoch {self.epoch}; {self.run.checkpoint_path()} "
+                        f"holds it; {self._resume_hint()}"
+                    )
+                self._fit_epoch(trainer, progress, started, stop)
+
+    def _fit_epoch(
+        self,
+        trainer: nn.Module,
+        progress: ProgressFn | None,
+        started: float,
+        stop: Callable[[], bool],
+    ) -> None:
         cfg, dist = self.cfg, self.dist
-        trainer = distributed.wrap(self.objective, dist, self.device)
-        while self.epoch < self.epochs:
-            self.epoch += 1
-            seed_everything(_derived_seed(cfg.seed, "epoch", self.epoch, dist.rank))
-            self.generator.manual_seed(_derived_seed(cfg.seed, "order", self.epoch))
-            if self.sampler is not None:
-                self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        seed_everything(_derived_seed(cfg.seed, "epoch", self.epoch, dist.rank))
+        self.generator.manual_seed(_derived_seed(cfg.seed, "order", self.epoch))
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        batches, state = self._epoch_batches()
+        try:
             metrics = train_one_epoch(
                 trainer,
-                self.train_loader,
+                batches,
                 self.optimizer,
                 self.scheduler,
                 device=self.device,
@@ -579,19 +709,39 @@ class _Training:
                 max_steps=self.last_steps if self.epoch == self.epochs else None,
                 channels_last=self.channels_last,
                 reduce=dist.all_reduce_sum if dist.enabled else None,
+                state=state,
+                should_stop=stop,
             )
-            self.global_step += int(metrics.pop("steps"))
-            dist.broadcast_buffers(self.objective.model)  # same BatchNorm statistics everywhere
-            row: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
-            row.update({key: metrics.pop(key) for key in ("lr", "seconds", "images_per_s")})
-            row["images"] = metrics.pop("images")
-            row.update({f"train/{key}": value for key, value in metrics.items()})
-            if "val" in self.eval_loaders:
-                val = self._evaluate(self.objective.model, "val")
-                row.update({"val/loss": val["loss"], "val/acc": val["acc"]})
-            self.history.append(row)
-            logger.info("%s", _epoch_line(self.epoch, self.epochs, row))
-            self._save(row, started)
+        except TrainingInterrupted as where:
+            self._save_partial(state, started)
+            raise TrainingInterrupted(
+                f"Interrupted at {where}; saved {self.run.checkpoint_path()}; {self._resume_hint()}"
+            ) from None
+        except NonFiniteLossError as error:
+            last = self.run.checkpoint_path()
+            kept = (
+                f"The last good checkpoint, {last} (epoch {self.epoch - 1}), is kept."
+                if last.is_file()
+                else "No checkpoint had been written yet."
+            )
+            raise NonFiniteLossError(f"{error} {kept}") from None
+        finally:
+            del batches  # stop this epoch's DataLoader workers
+        self.global_step += int(metrics.pop("steps"))
+        dist.broadcast_buffers(self.objective.model)  # same BatchNorm statistics everywhere
+        row: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step}
+        row.update({key: metrics.pop(key) for key in ("lr", "seconds", "images_per_s")})
+        row["images"] = metrics.pop("images")
+        row.update({f"train/{key}": value for key, value in metrics.items()})
+        ratio = self._report_balance(metrics)
+        if ratio is not None:
+            row["train/reg_to_task"] = ratio
+        if "val" in self.eval_loaders:
+            val = self._evaluate(self.objective.model, "val")
+            row.update({"val/loss": val["loss"], "val/acc": val["acc"]})
+        self.history.append(row)
+        logger.info("%s", _epoch_line(self.epoch, self.epochs, row))
+        self._save(row, started)
 
     def _best_test_accuracy(self, last: float | None) -> float | None:
         """Test accuracy of the ``best.pt`` weights (``last``'s when the last epoch is best)."""
@@ -743,7 +893,14 @@ def evaluate_checkpoint(
     cfg = TrainConfig.from_sources(state["config"], overrides, origin=f"{run.path} checkpoint")
     classes = list(state["classes"])
     model, _ = build_model(cfg.model, weights="none", num_classes=len(classes), head=state["head"])
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
+        detail = (" ".join(str(error).split("\n", 2)[1:2]).strip() or str(error)).rstrip(".")
+        raise UserError(
+            f"{run.checkpoint_path(checkpoint)} holds weights that do not fit {cfg.model} "
+            f"({detail}); the file belongs to another model or was altered."
+        ) from None
     torch_device = resolve_device(cfg.device)
     model.to(torch_device)
     info = ModelInfo(
