@@ -253,6 +253,10 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "choices": ("sum", "mean"),
         "help": "batch reduction of the feature-map penalty (default: sum, as the paper)",
     },
+    "source_bn": {
+        "choices": ("running", "batch"),
+        "help": "frozen source's BatchNorm while training: running (default, paper) or batch stats",
+    },
     "head": {"metavar": "NAME", "help": "dotted name of the classifier head (default: found)"},
     "seed": {"type": int, "help": "random seed (default: 0)"},
     "device": {"help": "auto (default), cpu, cuda, cuda:N or mps"},

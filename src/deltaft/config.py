@@ -42,6 +42,7 @@ Preset = Literal["default", "paper"]
 Amp = Literal["none", "bf16", "fp16"]
 BatchNormMode = Literal["adapt", "frozen"]
 Reduction = Literal["sum", "mean"]
+SourceBN = Literal["running", "batch"]
 AttentionMethod = Literal["exact", "reference", "taylor"]
 
 DEFAULT_EPOCHS = 10
@@ -104,6 +105,8 @@ class TrainConfig:
         temperature: softmax temperature of the attention.
         bn: BatchNorm during the attention head's training: ``adapt`` (reference) or ``frozen``.
         reduction: the feature-map penalty's batch reduction: ``sum`` (reference) or ``mean``.
+        source_bn: the frozen source's BatchNorm while training: ``running`` statistics
+            (reference) or the current ``batch``'s (removes the step-0 mismatch with the target).
         head: dotted name of the classifier head; found automatically when ``None``.
         seed: seeds Python, NumPy and torch, the subsampling and the data order.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
@@ -146,6 +149,7 @@ class TrainConfig:
     temperature: float = 5.0
     bn: BatchNormMode = "adapt"
     reduction: Reduction = "sum"
+    source_bn: SourceBN = "running"
     head: str | None = None
     seed: int = 0
     device: str = "auto"

@@ -488,6 +488,7 @@ class _Training:
             beta=cfg.beta,
             head=self.head,
             reduction=cfg.reduction,
+            source_bn=cfg.source_bn,
             weight_decay=cfg.weight_decay,
             input_size=self.image_size,
         ).to(self.device)
