@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deltaft-installed
 
-.PHONY: demo quickstart test lint test-fast bench clean-venv
+.PHONY: demo quickstart test test-all lint test-fast bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,15 +22,24 @@ quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy
 
 test: lint
+	$(BIN)/python -m pytest -q -m "not heavy"
+
+test-all: lint
 	$(BIN)/python -m pytest -q
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Ratios measured side by side; results and machines are recorded in benchmarks/README.md.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.step_overhead
+	$(BIN)/python -m benchmarks.attention_speed
+	$(BIN)/python -m benchmarks.peak_memory
 
 clean-venv:
 	rm -rf $(VENV)

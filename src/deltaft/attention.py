@@ -563,49 +563,27 @@ def _exact_scores(
 ) -> dict[str, Tensor]:
     """Sum over batches of the ``(C,)`` loss increases, per layer (on ``device``)."""
     replay = _trace(model, modules)
-    if replay is not None:
-        for name in modules:
-            if name not in replay.plans:
-                logger.warning(
-                    "Layer %r is inside another layer that fx keeps whole; scoring it with "
-                    "batched full forwards.",
-                    name,
-                )
+    for name in modules:
+        if replay is not None and name not in replay.plans:
+            logger.warning(
+                "Layer %r is inside another layer that fx keeps whole; scoring it with batched "
+                "full forwards.",
+                name,
+            )
     totals: dict[str, Tensor] = {}
     masks: dict[str, Tensor] = {}
     for x_cpu, y_cpu in batches:
         x, y = x_cpu.to(device), y_cpu.to(device)
-        snaps: dict[str, dict[fx.Node, Any]] = {}
-        output = None
-        if replay is not None:
-            try:
-                output, snaps = replay.run(x)
-            except Exception as error:
-                logger.warning(
-                    "Running the fx trace of %s failed (%s: %s); scoring with batched full "
-                    "forwards instead.",
-                    type(model).__name__,
-                    type(error).__name__,
-                    _first_line(error),
-                )
-                replay = None
-        if output is None:
-            output = model(x)
+        output, snaps, replay = _full_forward(model, replay, x)
         logits = _logits(output)
         base = _loss(logits, y, loss_fn)
         for name, module in modules.items():
-            shape = shapes[name]
+            channels = shapes[name][1]
             if name not in masks:
-                masks[name] = _channel_masks(shape[1], logits.dtype, device)
-            if chunk_size is not None:
-                chunk = min(chunk_size, shape[1])
-            elif replay is not None and name in replay.plans:
-                chunk = _default_chunk(shape[1], replay.peak_bytes(name), device)
-            else:
-                per_replica = math.prod(shape) * logits.element_size()
-                chunk = _default_chunk(shape[1], per_replica, device)
+                masks[name] = _channel_masks(channels, logits.dtype, device)
             deltas = None
             if replay is not None and name in replay.plans:
+                chunk = chunk_size or _default_chunk(channels, replay.peak_bytes(name), device)
                 try:
                     deltas = _replay_deltas(
                         replay, name, snaps[name], masks[name], chunk, y, base, loss_fn
@@ -620,11 +598,32 @@ def _exact_scores(
                     )
                     del replay.plans[name]
             if deltas is None:
+                per_replica = math.prod(shapes[name]) * logits.element_size()
+                chunk = chunk_size or _default_chunk(channels, per_replica, device)
                 deltas = _forward_deltas(
                     model, module, name, x, y, base, masks[name], chunk, loss_fn
                 )
             totals[name] = totals[name] + deltas if name in totals else deltas
     return totals
+
+
+def _full_forward(
+    model: nn.Module, replay: _GraphReplay | None, x: Tensor
+) -> tuple[Any, dict[str, dict[fx.Node, Any]], _GraphReplay | None]:
+    """The model's output on ``x``, with the replay cache when the trace runs (else ``None``)."""
+    if replay is not None:
+        try:
+            output, snaps = replay.run(x)
+            return output, snaps, replay
+        except Exception as error:
+            logger.warning(
+                "Running the fx trace of %s failed (%s: %s); scoring with batched full forwards "
+                "instead.",
+                type(model).__name__,
+                type(error).__name__,
+                _first_line(error),
+            )
+    return model(x), {}, None
 
 
 # ------------------------------------------------------------------------------------------------
