@@ -36,6 +36,7 @@ from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
 from deltaft.heads import get_submodule, replace_head
+from deltaft.heads import logits_of as _logits
 
 __all__ = [
     "ChannelAttention",
@@ -67,21 +68,6 @@ _RERUN_HINT = "re-run `deltaft attention` for this model, data and layers"
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------
-def _logits(output: Any) -> Tensor:
-    """The logits of a classifier output: a tensor, ``output.logits`` or ``output[0]``."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise ValueError(
-        f"Expected the model to return logits as a Tensor, a tuple whose first element is the "
-        f"logits, or an object with a .logits Tensor; got {type(output).__name__}."
-    )
-
-
 def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     """dtype and device of ``model``'s first floating-point parameter or buffer."""
     for tensor in (*model.parameters(), *model.buffers()):

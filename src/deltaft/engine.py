@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from deltaft.heads import logits_of as _logits
+
 __all__ = [
     "Amp",
     "EpochState",
@@ -99,18 +101,6 @@ def autocast(device: torch.device, amp: Amp) -> contextlib.AbstractContextManage
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def _logits(output: Any) -> Tensor:
-    """The main logits of a model output (a tensor, ``.logits`` or the first element)."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"Expected the model to return logits, got {type(output).__name__}.")
 
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:

@@ -8,10 +8,36 @@ by dotted module name and swap it for a freshly initialised ``nn.Linear``.
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["find_head", "get_submodule", "head_parameter_names", "replace_head", "set_submodule"]
+__all__ = [
+    "find_head",
+    "get_submodule",
+    "head_parameter_names",
+    "logits_of",
+    "replace_head",
+    "set_submodule",
+]
+
+
+def logits_of(output: Any) -> Tensor:
+    """The main logits of a classifier's output: a tensor, ``output.logits`` or ``output[0]``.
+
+    Inception-V3 in train mode returns ``(logits, aux_logits)``; its main logits are used.
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise ValueError(
+        f"Expected the model to return logits as a Tensor, a tuple whose first element is the "
+        f"logits, or an object with a .logits Tensor; got {type(output).__name__}."
+    )
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from deltaft._fuse import fold_batchnorm
 from deltaft.heads import find_head, head_parameter_names
+from deltaft.heads import logits_of as _logits
 from deltaft.hooks import FeatureExtractor
 from deltaft.layers import default_layers
 from deltaft.regularizers import functional as RF
@@ -33,19 +34,6 @@ logger = logging.getLogger(__name__)
 
 Method = Literal["l2", "l2sp", "fm", "delta"]
 METHODS: tuple[str, ...] = ("l2", "l2sp", "fm", "delta")
-
-
-def _logits(output: Any) -> Tensor:
-    """The main logits of a classifier output (Inception-V3 returns ``(logits, aux_logits)``)."""
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"Expected the model to return logits as a Tensor, got {type(output).__name__}."
-    )
 
 
 @contextlib.contextmanager
