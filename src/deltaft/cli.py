@@ -306,6 +306,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
     _add_options(parser, [key for key in _OPTIONS if key not in _PER_RUN])
+    add_log_every_argument(parser)
+
+
+def add_log_every_argument(parser: argparse.ArgumentParser) -> None:
+    """``--log-every N``: progress lines every N steps when stderr is not a terminal."""
     parser.add_argument(
         "--log-every",
         type=int,

@@ -16,14 +16,14 @@ import json
 import logging
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from deltaft.errors import UserError
+from deltaft.errors import UserError, argparse_type
 from deltaft.objective import METHODS
 from deltaft.plots import plot_compare
 from deltaft.tracking import RunDir
@@ -503,19 +503,6 @@ class _Refuse(argparse.Action):
         raise argparse.ArgumentError(self, f"not an option of compare; {self.hint}.")
 
 
-def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Turn a parser's ``UserError`` into argparse's error (usage line, exit status 2)."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except UserError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
 def add_parser(subparsers: Any) -> None:
     """Add the ``compare`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result).
 
@@ -538,7 +525,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--methods",
-        type=_argument_type(parse_methods),
+        type=argparse_type(parse_methods),
         default=["l2", "l2sp", "delta"],
         help=(
             f"comma-separated methods out of {', '.join(COMPARE_METHODS)}; 'scratch' is l2 from "
@@ -547,7 +534,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--seeds",
-        type=_argument_type(parse_seeds),
+        type=argparse_type(parse_seeds),
         default=[0, 1, 2],
         help="a count N (seeds 0..N-1) or a comma-separated list of seeds (default: 3)",
     )

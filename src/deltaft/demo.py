@@ -29,13 +29,13 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deltaft.errors import UserError
+from deltaft.errors import UserError, argparse_type
 
 if TYPE_CHECKING:
     from deltaft.compare import CompareResult
@@ -315,21 +315,9 @@ def run_demo(
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Turn a parser's ``UserError`` into argparse's error (usage line, exit status 2)."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except UserError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
 def add_parser(subparsers: Any) -> None:
     """Add the ``demo`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result)."""
+    from deltaft.cli import add_log_every_argument
     from deltaft.compare import parse_methods, parse_seeds
 
     parser = subparsers.add_parser(
@@ -350,13 +338,13 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--seeds",
-        type=_argparse_type(parse_seeds),
+        type=argparse_type(parse_seeds),
         default=[0, 1, 2],
         help="a count N (seeds 0..N-1) or a comma-separated list (default: 3)",
     )
     parser.add_argument(
         "--methods",
-        type=_argparse_type(parse_methods),
+        type=argparse_type(parse_methods),
         default=list(DEMO_METHODS),
         help=f"comma-separated methods (default: {','.join(DEMO_METHODS)})",
     )
@@ -367,13 +355,7 @@ def add_parser(subparsers: Any) -> None:
         help=f"where MNIST-5k is written once (default: {DEFAULT_CACHE_DIR})",
     )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument(
-        "--log-every",
-        type=int,
-        default=20,
-        metavar="N",
-        help="when stderr is not a terminal, print progress every N steps (default: 20)",
-    )
+    add_log_every_argument(parser)
     parser.set_defaults(func=_run)
 
 

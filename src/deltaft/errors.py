@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["UserError", "argparse_type"]
 
 
 class UserError(ValueError):
@@ -11,3 +15,16 @@ class UserError(ValueError):
     The CLI prints it on one line and exits with status 2. The message says what was wrong and how
     to fix it.
     """
+
+
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Turn a parser's ``UserError`` into argparse's error (usage line, exit status 2)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
