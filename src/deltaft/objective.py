@@ -265,11 +265,12 @@ class TransferObjective(nn.Module):
             key = "reg/delta" if self.method == "delta" else "reg/fm"
             out[key] = self.alpha * self.feature_reg(source_maps, target_maps)
             loss = loss + out[key]
+        params = dict(self.model.named_parameters()) if self.method != "l2" else {}
         if self.l2sp is not None:
-            out["reg/l2sp"] = self.alpha * self.l2sp(dict(self.model.named_parameters()))
+            out["reg/l2sp"] = self.alpha * self.l2sp(params)
             loss = loss + out["reg/l2sp"]
         if self.method != "l2":
-            out["reg/head"] = self.beta * self.head_reg(dict(self.model.named_parameters()))
+            out["reg/head"] = self.beta * self.head_reg(params)
             loss = loss + out["reg/head"]
         out["loss"] = loss
         return out
