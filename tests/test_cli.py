@@ -8,59 +8,32 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from deltaft.cli import ProgressPrinter, main
 from deltaft.config import TrainConfig, load_config
 from deltaft.engine import Progress
+from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    CLASSES,
+    MODEL,
+    TIMING_KEYS,
+    load_state,
+    one_thread,
+    restore_logging,
+    run_main,
+    write_images,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "tests.toy_models:tiny_cnn"
-CLASSES = ("ant", "bee", "cat", "dog")
 CORRUPT = "train/ant/zz-corrupt.png"
-TIMING_KEYS = ("seconds", "images_per_s")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids OpenMP contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging() -> Iterator[None]:
-    """main() configures the 'deltaft' logger; leave it as other test modules expect it."""
-    log = logging.getLogger("deltaft")
-    level, handlers = log.level, list(log.handlers)
-    yield
-    log.setLevel(level)
-    log.handlers[:] = handlers
-
-
-def _write_images(root: Path, split: str, per_class: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        folder = root / split / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 60, (24, 24, 3)) + 60 * label  # class = brightness
-            mode = "L" if i == 1 else "RGB"  # a grayscale image is converted
-            Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(folder / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +41,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 classes: 6 train, 2 val, 3 test images each, and one corrupt training file."""
     root = tmp_path_factory.mktemp("data")
     for split, n, seed in (("train", 6, 0), ("val", 2, 1), ("test", 3, 2)):
-        _write_images(root, split, n, seed)
+        write_images(root, split, n, seed, gray_index=1)
     (root / CORRUPT).write_bytes(b"not a png")
     return root
 
@@ -82,21 +55,11 @@ def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def delta_run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "delta"
     assert main(_train_args(folder, out, "--method", "delta")) == 0
     return out
-
-
-def _state(path: Path) -> dict[str, Any]:
-    return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
 
 
 def _untimed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -132,12 +95,12 @@ def _check_run(run: Path, method: str) -> dict[str, Any]:
     assert summary["skipped"]["files"][0].endswith(CORRUPT)
     best = max(rows, key=lambda r: r["val/acc"])  # the first of equal maxima
     assert summary["best_epoch"] == best["epoch"]
-    last = _state(run / "checkpoints" / "last.pt")  # weights_only=True loads it
+    last = load_state(run / "checkpoints" / "last.pt")  # weights_only=True loads it
     assert {"model", "optimizer", "scheduler", "rng", "epoch", "config", "classes", "head"} <= set(
         last
     )
     assert last["classes"] == list(CLASSES) and last["head"] == "fc" and last["epoch"] == 2
-    assert _state(run / "checkpoints" / "best.pt")["epoch"] == best["epoch"]
+    assert load_state(run / "checkpoints" / "best.pt")["epoch"] == best["epoch"]
     cfg = TrainConfig.from_sources(load_config(run / "config.yaml"))
     assert cfg.method == method and cfg.out == str(run)
     return summary
@@ -153,7 +116,7 @@ def test_train_baselines(
     method: str, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     extra = ["--workers", "1"] if method == "fm" else []  # one run with a worker process
-    code, out, err = _run(
+    code, out, err = run_main(
         capsys, *_train_args(folder, tmp_path / method, "--method", method, *extra)
     )
     assert code == 0, err
@@ -168,11 +131,11 @@ def test_iterations_adamw_and_no_validation_split(
 ) -> None:
     """A flat folder (train/test split 80/20, no validation): best.pt is the last epoch."""
     flat = tmp_path / "flat"
-    _write_images(tmp_path / "tmp", "train", 5, 3)
+    write_images(tmp_path / "tmp", "train", 5, 3, gray_index=1)
     (tmp_path / "tmp" / "train").rename(flat)
     args = _train_args(flat, tmp_path / "run", "--method", "l2", "--optimizer", "adamw")
     args[args.index("--epochs") : args.index("--epochs") + 2] = ["--iterations", "5"]
-    code, out, err = _run(capsys, *args, "--schedule", "exponential", "--lr", "0.001")
+    code, out, err = run_main(capsys, *args, "--schedule", "exponential", "--lr", "0.001")
     assert code == 0, err
     assert "val accuracy" not in out and "test accuracy:" in out
     rows = _metrics(tmp_path / "run")
@@ -182,7 +145,7 @@ def test_iterations_adamw_and_no_validation_split(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["best_epoch"], summary["val_accuracy"]) == (3, None)
     assert summary["best_test_accuracy"] == summary["test_accuracy"]
-    assert _state(tmp_path / "run" / "checkpoints" / "best.pt")["epoch"] == 3
+    assert load_state(tmp_path / "run" / "checkpoints" / "best.pt")["epoch"] == 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,19 +167,19 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(
             raise KeyboardInterrupt  # Ctrl-C in the middle of epoch 2
 
     monkeypatch.setattr(ProgressPrinter, "__call__", interrupt)
-    code, _, err = _run(capsys, *_train_args(folder, out, "--method", "delta"))
+    code, _, err = run_main(capsys, *_train_args(folder, out, "--method", "delta"))
     assert code == 130 and err.strip().splitlines()[-1].endswith(
         "continue a training run with --resume."
     )
     assert [r["epoch"] for r in _metrics(out)] == [1]
-    assert _state(out / "checkpoints" / "last.pt")["epoch"] == 1
+    assert load_state(out / "checkpoints" / "last.pt")["epoch"] == 1
     monkeypatch.setattr(ProgressPrinter, "__call__", original)
 
     # Only --out and --resume: the rest comes from the run's config.yaml.
-    code, _, err = _run(capsys, "--threads", "1", "train", "--out", str(out), "--resume")
+    code, _, err = run_main(capsys, "--threads", "1", "train", "--out", str(out), "--resume")
     assert code == 0, err
     assert "Resuming" in err and "after epoch 1 of 2" in err
-    straight, resumed = (_state(r / "checkpoints" / "last.pt") for r in (delta_run, out))
+    straight, resumed = (load_state(r / "checkpoints" / "last.pt") for r in (delta_run, out))
     assert straight["model"].keys() == resumed["model"].keys()
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
@@ -230,13 +193,15 @@ def test_existing_run_is_never_overwritten(
     delta_run: Path, folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = (delta_run / "summary.json").read_text()
-    code, _, err = _run(capsys, *_train_args(folder, delta_run, "-q"))
+    code, _, err = run_main(capsys, *_train_args(folder, delta_run, "-q"))
     assert code == 2
     assert err == (
         f"deltaft: error: --out {delta_run} already holds a run; use --resume to continue it "
         "or choose a new --out.\n"
     )
-    code, _, err = _run(capsys, *_train_args(folder, delta_run, "-q", "--alpha", "0.1", "--resume"))
+    code, _, err = run_main(
+        capsys, *_train_args(folder, delta_run, "-q", "--alpha", "0.1", "--resume")
+    )
     assert code == 2
     assert err.startswith(
         f"deltaft: error: Cannot resume {delta_run} with changed settings (alpha 0.01 -> 0.1)"
@@ -249,11 +214,11 @@ def test_existing_run_is_never_overwritten(
 # ------------------------------------------------------------------------------------------------
 def test_eval_reproduces_the_summary(delta_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = json.loads((delta_run / "summary.json").read_text())
-    code, out, err = _run(capsys, "eval", "--run", str(delta_run), "--device", "cpu")
+    code, out, err = run_main(capsys, "eval", "--run", str(delta_run), "--device", "cpu")
     assert code == 0, err
     assert out.startswith(f"test accuracy {100 * summary['best_test_accuracy']:.2f}%")
     assert "best.pt" in out
-    code, out, _ = _run(
+    code, out, _ = run_main(
         capsys, "eval", "--run", str(delta_run), "--split", "val", "--checkpoint", "last"
     )
     assert code == 0
@@ -261,7 +226,7 @@ def test_eval_reproduces_the_summary(delta_run: Path, capsys: pytest.CaptureFixt
 
 
 def test_layers_marks_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "layers", "--model", MODEL, "--image-size", "32")
+    code, out, _ = run_main(capsys, "layers", "--model", MODEL, "--image-size", "32")
     assert code == 0
     lines = out.splitlines()
     assert any(line.startswith("* stage1 ") and "8x8x8" in line for line in lines)
@@ -274,7 +239,7 @@ def test_attention_command_matches_training_and_is_reusable(
     delta_run: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "att.safetensors"
-    code, out, err = _run(
+    code, out, err = run_main(
         capsys, "--threads", "1", "attention", "--data", str(folder), "--model", MODEL,
         "--weights", "none", "--out", str(path), "--image-size", "32", "--batch-size", "8",
         "--attention-epochs", "1", "--attention-batches", "2", "--workers", "0",
@@ -287,7 +252,7 @@ def test_attention_command_matches_training_and_is_reusable(
     for key, value in estimated.items():  # same seed and data: the very same attention
         assert torch.equal(value, trained[key]), key
     run = tmp_path / "reuse"
-    code, _, err = _run(
+    code, _, err = run_main(
         capsys, *_train_args(folder, run, "--attention", str(path), "--epochs", "1")
     )
     assert code == 0, err
@@ -300,7 +265,7 @@ def test_compare_end_to_end(
     folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cmp"
-    code, stdout, err = _run(
+    code, stdout, err = run_main(
         capsys, "--threads", "1", "compare", "--methods", "l2,delta", "--seeds", "1",
         "--data", str(folder), "--model", MODEL, "--weights", "none", "--out", str(out),
         "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--attention-epochs", "1",
@@ -320,7 +285,7 @@ def bad_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
     (root / "empty").mkdir()
     unreadable = root / "unreadable"
-    _write_images(unreadable, "train", 3, 0)
+    write_images(unreadable, "train", 3, 0, gray_index=1)
     for path in (unreadable / "train" / "bee").iterdir():
         path.write_bytes(b"garbage")
     (root / "bad.yaml").write_text("alpah: 0.1\n")
@@ -371,7 +336,7 @@ def test_user_errors_exit_2_with_one_line(
         if case == "eval"
         else ["-q", *_train_args(data, out, *extra)]
     )
-    code, stdout, err = _run(capsys, *argv)
+    code, stdout, err = run_main(capsys, *argv)
     assert not out.exists()  # nothing is written before the settings are validated
     assert code == 2
     lines = [line for line in err.splitlines() if not line.startswith("deltaft: warning:")]

@@ -47,35 +47,22 @@ from PIL import Image
 from torch import Tensor
 
 from deltaft import tracking
-from deltaft.cli import main
 from deltaft.data import ImageFolder
 from deltaft.objective import TransferObjective
+from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    CLASSES,
+    MODEL,
+    TIMING_KEYS,
+    load_state,
+    one_thread,
+    restore_logging,
+    run_main,
+    write_images,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "tests.toy_models:tiny_cnn"
-CLASSES = ("ant", "bee", "cat", "dog")
 EPOCHS, STEPS = 3, 8  # 32 training images, batches of 4
-TIMING_KEYS = ("seconds", "images_per_s")
 SUBPROCESS_TIMEOUT_S = 240  # a stuck child is killed (and the test fails) after this long
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids OpenMP contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging() -> Iterator[None]:
-    """main() configures the 'deltaft' logger; leave it as other test modules expect it."""
-    log = logging.getLogger("deltaft")
-    level, handlers = log.level, list(log.handlers)
-    yield
-    log.setLevel(level)
-    log.handlers[:] = handlers
 
 
 class _Hang(BaseException):
@@ -101,22 +88,12 @@ def _deadline(seconds: int) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------
 # Data, runs and comparisons
 # ------------------------------------------------------------------------------------------------
-def _write_images(root: Path, split: str, per_class: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        folder = root / split / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 60, (24, 24, 3)) + 60 * label  # class = brightness
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 classes: 8 train (8 steps of 4 per epoch), 2 val and 2 test images each."""
     root = tmp_path_factory.mktemp("data")
     for split, n, seed in (("train", 8, 0), ("val", 2, 1), ("test", 2, 2)):
-        _write_images(root, split, n, seed)
+        write_images(root, split, n, seed)
     return root
 
 
@@ -148,10 +125,6 @@ def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _state(path: Path) -> dict[str, Any]:
-    return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
-
-
 def _metrics(run: Path) -> list[dict[str, Any]]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
@@ -164,18 +137,12 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     for key in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "best_epoch", "steps"):
         assert summaries[0][key] == summaries[1][key], key
     for name in ("last", "best"):
-        got, want = (_state(r / "checkpoints" / f"{name}.pt") for r in (run, reference))
+        got, want = (load_state(r / "checkpoints" / f"{name}.pt") for r in (run, reference))
         assert got["epoch"] == want["epoch"] and "partial" not in got
         assert got["model"].keys() == want["model"].keys()
         for key, value in want["model"].items():
             assert torch.equal(got["model"][key], value), f"{name}.pt {key}"
     assert not list(run.rglob("*.tmp")), "a stale temporary file was left behind"
-
-
-def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _error_lines(err: str) -> list[str]:
@@ -282,14 +249,14 @@ def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(
     assert code == -signal.SIGKILL, err[-2000:]
     assert "Resuming" not in err  # no last.pt yet: the run started again from epoch 1
     assert not any(path.exists() for path in half_written)  # removed on resume
-    assert _state(out / "checkpoints" / "last.pt")["epoch"] >= 1
+    assert load_state(out / "checkpoints" / "last.pt")["epoch"] >= 1
 
     # Die after writing a later last.pt completely, just before renaming it over the old one.
-    done = _state(out / "checkpoints" / "last.pt")["epoch"]
+    done = load_state(out / "checkpoints" / "last.pt")["epoch"]
     code, err = _run_child(resume, kill="replace:1")
     assert code == -signal.SIGKILL, err[-2000:]
     assert f"after epoch {done} of {EPOCHS}" in err
-    assert _state(out / "checkpoints" / "last.pt")["epoch"] == done  # the old one, intact
+    assert load_state(out / "checkpoints" / "last.pt")["epoch"] == done  # the old one, intact
     assert list((out / "checkpoints").glob(".last.pt.*.tmp"))
 
     code, err = _run_child(resume)
@@ -322,7 +289,7 @@ def test_ctrl_c_saves_where_it_stopped_and_resumes_to_the_same_result(
         assert match, last
         assert last.endswith(f"continue it with: deltaft train --out {out} --resume")
         assert "Traceback" not in err
-        state = _state(out / "checkpoints" / "last.pt")
+        state = load_state(out / "checkpoints" / "last.pt")
         if match.group(2):  # stopped mid-epoch: the epoch's progress is in last.pt
             stopped_at = (int(match.group(2)), int(match.group(3)))
             partial = state["partial"]
@@ -361,17 +328,17 @@ def test_ctrl_c_mid_epoch_and_at_an_epoch_end_resumes_exactly(
     """In-process, no DataLoader worker: the same guarantee as the subprocess test above."""
     straight, out = tmp_path / "straight", tmp_path / "run"
     argv = _train_argv(data, out, "--workers", "0")
-    code, _, err = _main(capsys, *_train_argv(data, straight, "--workers", "0"))
+    code, _, err = run_main(capsys, *_train_argv(data, straight, "--workers", "0"))
     assert code == 0, err
 
     _ctrl_c_at(monkeypatch, 3)  # epoch 1, step 3
-    code, _, err = _main(capsys, *argv)
+    code, _, err = run_main(capsys, *argv)
     assert code == 130
     assert _error_lines(err) == [
         f"deltaft: error: Interrupted at epoch 1, step 3/{STEPS}; saved {out}/checkpoints/last.pt;"
         f" continue it with: deltaft train --out {out} --resume"
     ]
-    state = _state(out / "checkpoints" / "last.pt")
+    state = load_state(out / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and state["global_step"] == 0
     assert {k: state["partial"][k] for k in ("epoch", "step", "images")} == {
         "epoch": 1,
@@ -381,17 +348,17 @@ def test_ctrl_c_mid_epoch_and_at_an_epoch_end_resumes_exactly(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
     _ctrl_c_at(monkeypatch, STEPS - 3 + STEPS)  # the resumed run: epoch 2's last step
-    code, _, err = _main(capsys, *argv, "--resume")
+    code, _, err = run_main(capsys, *argv, "--resume")
     assert code == 130
     assert f"Resuming {out} after epoch 0 of {EPOCHS}, at step 3 of epoch 1." in err
     assert _error_lines(err) == [
         f"deltaft: error: Interrupted after epoch 2; {out}/checkpoints/last.pt holds it; "
         f"continue it with: deltaft train --out {out} --resume"
     ]
-    assert "partial" not in _state(out / "checkpoints" / "last.pt")
+    assert "partial" not in load_state(out / "checkpoints" / "last.pt")
 
     monkeypatch.undo()
-    code, _, err = _main(capsys, *argv, "--resume")
+    code, _, err = run_main(capsys, *argv, "--resume")
     assert code == 0, err
     _assert_same_run(out, straight)
 
@@ -402,7 +369,7 @@ def test_second_ctrl_c_stops_at_once(
     """The first Ctrl-C asks for a stop after the step; a second one during that step wins."""
     _ctrl_c_at(monkeypatch, 3, twice=True)
     out = tmp_path / "run"
-    code, _, err = _main(capsys, *_train_argv(data, out, "--workers", "0", "--method", "l2"))
+    code, _, err = run_main(capsys, *_train_argv(data, out, "--workers", "0", "--method", "l2"))
     assert code == 130
     assert _error_lines(err) == [
         "deltaft: error: interrupted; continue a training run with --resume."
@@ -440,7 +407,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(TransferObjective, "forward", diverging)
     out = tmp_path / "run"
-    code, stdout, err = _main(capsys, *_train_argv(data, out, "--workers", "0"))
+    code, stdout, err = run_main(capsys, *_train_argv(data, out, "--workers", "0"))
     assert code == 1 and stdout == ""
     [line] = _error_lines(err)
     shown = "nan" if value != value else "inf"
@@ -453,7 +420,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
         assert line.endswith("No checkpoint had been written yet.") and not last.exists()
     else:
         assert line.endswith(f"The last good checkpoint, {last} (epoch {epoch - 1}), is kept.")
-        state = _state(last)
+        state = load_state(last)
         assert state["epoch"] == epoch - 1 and "partial" not in state
         assert all(
             torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
@@ -469,7 +436,7 @@ def test_dominating_regularizer_is_reported(
     balanced, dominated = tmp_path / "balanced", tmp_path / "dominated"
     for out, alpha in ((balanced, "0.01"), (dominated, "5")):
         argv = _train_argv(data, out, "--workers", "0", "--epochs", "2", "--alpha", alpha)
-        code, _, err = _main(capsys, *argv)
+        code, _, err = run_main(capsys, *argv)
         assert code == 0, err
         rows = _metrics(out)
         ratios = [row["train/reg_to_task"] for row in rows]
@@ -633,7 +600,7 @@ def test_bad_files_are_counted_in_the_run_summary(
     out = tmp_path / "run"
     argv = _train_argv(fuzzed, out, "--workers", "0", "--method", "l2", "--epochs", "1")
     with _deadline(180):
-        code, stdout, err = _main(capsys, *argv)
+        code, stdout, err = run_main(capsys, *argv)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == {"count": len(bad), "files": sorted(str(p) for p in bad)}
@@ -714,7 +681,7 @@ def test_untrusted_files_never_run_code(
         (finished_run / "config.yaml").write_text(yaml_payload)
         argv = ["--threads", "1", "train", "--out", str(finished_run), "--resume"]
         match = r"Config file .*config.yaml is not valid YAML"
-    code, stdout, err = _main(capsys, "-q", *argv)
+    code, stdout, err = run_main(capsys, "-q", *argv)
     assert code == 2 and stdout == ""
     [line] = err.splitlines()
     assert re.match(rf"deltaft: error: {match}", line), line
@@ -735,7 +702,7 @@ def test_attention_of_other_weights_is_refused(
         data, tmp_path / "run", "--attention", str(reference / "attention.safetensors")
     )
     argv[argv.index("none")] = str(weights)
-    code, _, err = _main(capsys, "-q", *argv)
+    code, _, err = run_main(capsys, "-q", *argv)
     assert code == 2
     [line] = err.splitlines()
     assert line.startswith(f"deltaft: error: --attention {reference / 'attention.safetensors'}: ")
@@ -757,12 +724,12 @@ def test_checkpoint_of_other_weights_is_refused(
     out = tmp_path / "run"
     argv = _train_argv(data, out, "--workers", "0", "--method", "l2sp", "--epochs", "1")
     argv[argv.index("none")] = str(weights)
-    code, _, err = _main(capsys, *argv)
+    code, _, err = run_main(capsys, *argv)
     assert code == 0, err
     before = (out / "checkpoints" / "last.pt").read_bytes()
     torch.manual_seed(2)
     torch.save(tiny_cnn().state_dict(), weights)  # same name, other weights
-    code, _, err = _main(capsys, "-q", *argv, "--resume")
+    code, _, err = run_main(capsys, "-q", *argv, "--resume")
     assert code == 2
     [line] = err.splitlines()
     assert line == (
@@ -776,10 +743,12 @@ def test_eval_refuses_a_checkpoint_of_another_model(
     finished_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = finished_run / "checkpoints" / "best.pt"
-    state = _state(path)
+    state = load_state(path)
     state["config"]["model"] = "tests.toy_models:other_cnn"  # a wider network
     torch.save(state, path)
-    code, stdout, err = _main(capsys, "-q", "eval", "--run", str(finished_run), "--device", "cpu")
+    code, stdout, err = run_main(
+        capsys, "-q", "eval", "--run", str(finished_run), "--device", "cpu"
+    )
     assert code == 2 and stdout == ""
     [line] = err.splitlines()
     assert line.startswith(f"deltaft: error: {path} holds weights that do not fit ")
@@ -817,7 +786,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
         return os.open("/dev/full", os.O_WRONLY), name  # every write: ENOSPC
 
     monkeypatch.setattr(tracking.tempfile, "mkstemp", failing_mkstemp)
-    code, stdout, err = _main(capsys, *_train_argv(data, out))
+    code, stdout, err = run_main(capsys, *_train_argv(data, out))
     assert code == 1 and stdout == ""
     [line] = _error_lines(err)
     error = {"disk-full": "OSError: [Errno 28", "read-only": "PermissionError: [Errno 13"}[fault]
@@ -826,12 +795,12 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
         f"deltaft: error: {error}] Could not write {last} ({reason}); last.pt is unchanged"
     )
     assert before and last.read_bytes() == before[0]
-    assert _state(last)["epoch"] == 1
+    assert load_state(last)["epoch"] == 1
     assert not list(out.rglob("*.tmp"))
     assert [row["epoch"] for row in _metrics(out)] == [1]
 
     monkeypatch.setattr(tracking.tempfile, "mkstemp", real_mkstemp)  # space freed
-    code, _, err = _main(capsys, *_train_argv(data, out), "--resume")
+    code, _, err = run_main(capsys, *_train_argv(data, out), "--resume")
     assert code == 0, err
     _assert_same_run(out, reference)
 
@@ -853,7 +822,7 @@ def test_read_only_checkpoint_folder(
 
     monkeypatch.setattr(TransferObjective, "forward", read_only_in_epoch_2)
     try:
-        code, _, err = _main(capsys, *_train_argv(data, out, "--workers", "0"))
+        code, _, err = run_main(capsys, *_train_argv(data, out, "--workers", "0"))
     finally:
         folder.chmod(0o755)
     assert code == 1
@@ -863,7 +832,7 @@ def test_read_only_checkpoint_folder(
         r"\(Permission denied\); (best|last).pt is unchanged$",
         line,
     ), line
-    assert _state(folder / "last.pt")["epoch"] == 1
+    assert load_state(folder / "last.pt")["epoch"] == 1
     assert not list(out.rglob("*.tmp"))
 
 
