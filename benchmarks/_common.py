@@ -34,14 +34,24 @@ def batch(size: int, image: int, num_classes: int = 10) -> tuple[torch.Tensor, t
     return x, torch.randint(0, num_classes, (size,), generator=gen)
 
 
-def interleaved_median(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work: CUDA runs asynchronously, so time only after this."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_median(
+    fns: dict[str, Callable[[], None]], rounds: int, device: str | torch.device = "cpu"
+) -> dict[str, float]:
     """Median seconds per call, calling the functions in turn so that drift hits all alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
     for _ in range(rounds):
         for key, fn in fns.items():
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times[key].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}

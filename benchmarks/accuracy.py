@@ -8,6 +8,9 @@ training-set size and writes OUT/accuracy.md, OUT/accuracy.json and OUT/accuracy
 Finished runs are reused (as `deltaft compare` does), so an interrupted benchmark continues.
 
     python benchmarks/accuracy.py --per-class 10,20,50 --seeds 3 --out runs/bench-accuracy
+
+Several processes may fill in one OUT at once (say one per size and seed, on a GPU); a last run
+over all of them then only reads the finished runs and writes the tables and the plot.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import argparse
 import json
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from deltaft.compare import CompareResult
+from deltaft.compare import CompareResult, parse_seeds
 from deltaft.demo import run_demo
+from deltaft.errors import argparse_type
 
 METHODS = ["l2", "l2sp", "delta", "scratch"]
 
@@ -30,7 +35,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def measure(
-    per_class: int, seeds: int, out: Path, fm_alpha: float, cache_dir: str
+    per_class: int, seeds: list[int], out: Path, fm_alpha: float, cache_dir: str
 ) -> CompareResult:
     """One comparison of every method (fm with its own alpha) at ``per_class`` images a class."""
     folder = out / f"per-class-{per_class}"
@@ -54,30 +59,44 @@ def measure(
     return result
 
 
-def _plot(results: dict[int, CompareResult], path: Path) -> None:
+def plot(table: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy against training-set size from ``accuracy.json``'s content (``{size: compare}``).
+
+    Left: every method; right: the pre-trained methods alone, whose differences the scratch
+    baseline's range would flatten.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'deltaft[plots]')")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sizes = sorted(results)
-    for index, method in enumerate(row.method for row in results[sizes[0]].rows):
-        rows = [next(r for r in results[n].rows if r.method == method) for n in sizes]
-        ax.errorbar(
-            [n * (1 + 0.02 * (index - 2)) for n in sizes],  # small offsets keep bars apart
-            [r.mean for r in rows],
-            yerr=[r.std for r in rows],
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-    ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy (%)")
-    ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_title("ImageNet MobileNetV2 -> MNIST-5k (mean ± std over seeds)")
-    ax.legend()
+    sizes = sorted(table, key=int)
+    methods = [row["method"] for row in table[sizes[0]]["rows"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, shown in zip(axes, (methods, [m for m in methods if m != "scratch"]), strict=True):
+        for index, method in enumerate(shown):
+            rows = [next(r for r in table[n]["rows"] if r["method"] == method) for n in sizes]
+            ax.errorbar(
+                [int(n) * (1 + 0.015 * (index - 2)) for n in sizes],  # offsets keep bars apart
+                [r["accuracy_mean"] for r in rows],
+                yerr=[r["accuracy_std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=method,
+                color=f"C{methods.index(method)}",
+            )
+        ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy (%)")
+        ax.set_xticks([int(n) for n in sizes], sizes)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend()
+    axes[0].set_title("all methods")
+    axes[1].set_title("pre-trained methods")
+    seeds = ", ".join(str(seed) for seed in table[sizes[0]]["seeds"])
+    fig.suptitle(f"ImageNet MobileNetV2 -> MNIST-5k: mean ± std over seeds {seeds}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -86,11 +105,27 @@ def _plot(results: dict[int, CompareResult], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=_sizes, default=[10, 20, 50])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--fm-alpha", type=float, default=0.001)
+    parser.add_argument(
+        "--seeds",
+        type=argparse_type(parse_seeds),
+        default=[0, 1, 2],
+        help="a count N (seeds 0..N-1) or a comma list; finished runs of other seeds are reused",
+    )
+    parser.add_argument("--fm-alpha", type=float, default=0.0003)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     parser.add_argument("--cache-dir", default="~/.cache/deltaft")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="only draw OUT/accuracy.png again from a saved accuracy.json; train nothing",
+    )
     args = parser.parse_args()
+    if args.replot:
+        args.out.mkdir(parents=True, exist_ok=True)
+        table = json.loads(args.replot.read_text())
+        plot(table, args.out / "accuracy.png")
+        return
 
     print(
         f"machine: {platform.processor() or platform.machine()}, torch threads "
@@ -107,10 +142,9 @@ def main() -> None:
             f"## {n} training images per class\n\n{r.table_markdown()}" for n, r in results.items()
         )
     )
-    (args.out / "accuracy.json").write_text(
-        json.dumps({str(n): r.to_dict() for n, r in results.items()}, indent=2) + "\n"
-    )
-    _plot(results, args.out / "accuracy.png")
+    table = {str(n): r.to_dict() for n, r in results.items()}
+    (args.out / "accuracy.json").write_text(json.dumps(table, indent=2) + "\n")
+    plot(table, args.out / "accuracy.png")
     print(f"wrote {args.out / 'accuracy.md'}, accuracy.json, accuracy.png")
 
 

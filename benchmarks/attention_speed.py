@@ -14,25 +14,30 @@ import time
 
 import torch
 
-from benchmarks._common import MODELS, batch
+from benchmarks._common import MODELS, batch, synchronize
 from deltaft import default_layers
 from deltaft.attention import attention_from_scores, channel_removal_scores
 
 
-def run(name: str, image: int, batch_size: int, n_batches: int) -> None:
+def run(name: str, image: int, batch_size: int, n_batches: int, device: str) -> None:
     torch.manual_seed(0)
     model = MODELS[name]()
     with torch.no_grad():  # settle BatchNorm statistics away from their initial values
         model.train()(batch(32, image)[0])
-    model.eval()
+    model.eval().to(device)
     layers = default_layers(model)
-    batches = [batch(batch_size, image, num_classes=1000) for _ in range(n_batches)]
+    batches = [
+        tuple(t.to(device) for t in batch(batch_size, image, num_classes=1000))
+        for _ in range(n_batches)
+    ]
     seconds, scores = {}, {}
     for method in ("exact", "reference"):
+        synchronize(device)
         start = time.perf_counter()
         scores[method] = channel_removal_scores(
             model, batches, layers, n_batches=n_batches, method=method
         )
+        synchronize(device)
         seconds[method] = time.perf_counter() - start
     weights = {m: attention_from_scores(s) for m, s in scores.items()}
     d_scores = max((scores["exact"][k] - scores["reference"][k]).abs().max().item() for k in layers)
@@ -55,17 +60,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.image} px, "
-        f"{args.batches} batch(es) of {args.batch}"
+        f"{args.batches} batch(es) of {args.batch}, {args.device}"
     )
     print("| model | channels | reference s | exact s | speed-up | max dscore | max dw | min std |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        run(name, args.image, args.batch, args.batches)
+        run(name, args.image, args.batch, args.batches, args.device)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
             __import__("copy").deepcopy(model), source, input_size=image, **kwargs
         ).to(device)
         fns[label] = _step_fn(objective, x, y)
-    medians = interleaved_median(fns, rounds)
+    medians = interleaved_median(fns, rounds, device)
     base = medians["l2"]
     print(f"\n{model_name}, batch {batch_size}, {image}x{image}, {device}, {rounds} rounds")
     print("| method | s / step (median) | ratio to l2 |")
