@@ -57,7 +57,9 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     assert TrainConfig.from_sources(load_config(path)) == cfg
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.relative_to(ROOT).as_posix()
+)
 def test_every_preset_file_is_valid(path: Path) -> None:
     cfg = TrainConfig.from_sources(load_config(path), REQUIRED)
     assert isinstance(cfg, TrainConfig)
