@@ -1,3 +1,4 @@
+SHELL := /bin/bash
 # Every target creates .venv when it is missing (or when pyproject.toml changed), then runs.
 PYTHON ?= python3
 VENV := .venv
@@ -36,10 +37,13 @@ test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Ratios measured side by side; results and machines are recorded in benchmarks/README.md.
+# Questions 1-3 of benchmarks/README.md; each table is printed and kept in runs/bench/.
+# Question 4 (accuracy, about an hour on 2 cores) runs on its own: python benchmarks/accuracy.py
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.step_overhead
-	$(BIN)/python -m benchmarks.attention_speed
-	$(BIN)/python -m benchmarks.peak_memory
+	mkdir -p runs/bench
+	set -o pipefail; $(BIN)/python -m benchmarks.step_overhead | tee runs/bench/step_overhead.md
+	set -o pipefail; $(BIN)/python -m benchmarks.attention_speed | tee runs/bench/attention_speed.md
+	set -o pipefail; $(BIN)/python -m benchmarks.peak_memory | tee runs/bench/peak_memory.md
 
 clean-venv:
 	rm -rf $(VENV)
