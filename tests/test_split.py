@@ -1,4 +1,4 @@
-"""``split_per_class`` on generated image folders."""
+"""``split_per_class`` and ``deltaft split`` on generated image folders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from deltaft import split as S
 from deltaft.data import ImageFolder, build_datasets
 from deltaft.errors import UserError
 from deltaft.split import SplitResult, split_per_class
-from tests.cli_support import one_thread  # noqa: F401 (autouse fixture)
+from tests.cli_support import one_thread, restore_logging, run_main  # noqa: F401 (autouse fixtures)
 
 COUNTS = {"001.ak47": 7, "002.bat": 6, "003.cake": 8, "257.clutter": 5}
 
@@ -354,3 +355,47 @@ def test_destination_that_is_no_folder_is_refused(src: Path, tmp_path: Path, kin
         match = "is a symbolic link"
     with pytest.raises(UserError, match=match):
         _split(src, dst)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_splits_and_prints_one_line(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dst = tmp_path / "data" / "caltech-3"  # parent folders are created
+    code, out, err = run_main(
+        capsys, "split", str(src), str(dst), "--train-per-class", "3", "--test-per-class", "2",
+        "--seed", "4", "--exclude", "257.clutter", "--link", "copy",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"3 classes: 9 train + 6 test images (3 + 2 per class, seed 4, copy) in {dst}; every "
+        f"file is listed in {dst / 'split.json'}"
+    ]
+    manifest = json.loads((dst / "split.json").read_text())
+    assert manifest["arguments"]["seed"] == 4 and manifest["arguments"]["link"] == "copy"
+    assert manifest["counts"] == {"train": 9, "test": 6}
+    assert _split(src, tmp_path / "again", seed=4, exclude=["257.clutter"]).train == tuple(
+        manifest["files"]["train"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--train-per-class", "10", "--test-per-class", "2"], "have fewer than 12 images"),
+        (["--train-per-class", "0", "--test-per-class", "2"], "must be a positive integer"),
+        (["--test-per-class", "2"], "the following arguments are required: --train-per-class"),
+        (["--train-per-class", "3", "--test-per-class", "2", "--link", "move"], "invalid choice"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], match: str
+) -> None:
+    code, out, err = run_main(capsys, "split", str(src), str(tmp_path / "dst"), *extra)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("deltaft: error: ")
+    assert re.search(match, err)
+    assert not (tmp_path / "dst").exists()
