@@ -1,4 +1,5 @@
-"""The ``deltaft`` command: ``train``, ``attention``, ``eval``, ``layers``, ``compare``, ``demo``.
+"""The ``deltaft`` command: ``train``, ``attention``, ``eval``, ``layers``, ``compare``, ``demo``,
+``split``.
 
 This is the only module that configures logging, threads, devices and the process group, and
 the only one that prints. User errors (:class:`~deltaft.errors.UserError` and the library's
@@ -11,6 +12,8 @@ Examples::
     deltaft train --data birds/ --model resnet50 --method delta --out runs/birds-delta
     deltaft train --out runs/birds-delta --resume
     deltaft eval --run runs/birds-delta --split test
+    deltaft split 256_ObjectCategories data/caltech256-30 --train-per-class 30 \\
+        --test-per-class 20 --exclude 257.clutter
     torchrun --nproc_per_node 4 -m deltaft train --config configs/paper.yaml --data birds/ ...
 """
 
@@ -429,9 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     own = set(sub.choices)
     from deltaft import compare as _compare
     from deltaft import demo as _demo
+    from deltaft import split as _split
 
     _compare.add_parser(sub)  # each sets its own func
     _demo.add_parser(sub)
+    _split.add_parser(sub)
     for name, subparser in sub.choices.items():
         if name in own or not any(a.dest == "quiet" for a in subparser._actions):
             _add_common(subparser)
