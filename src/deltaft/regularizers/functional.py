@@ -140,7 +140,7 @@ def feature_map_penalty(
     return total
 
 
-def _squared_norms(tensors: list[Tensor]) -> Tensor:
+def _squared_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """``||t||^2`` of every tensor, shape ``(N,)``.
 
     On CUDA one fused multi-tensor kernel, ``torch._foreach_norm``, squared. Elsewhere each tensor
@@ -160,17 +160,18 @@ class _L2SP(torch.autograd.Function):
     made a step 1.46x a plain one (benchmarks/README.md). Here the forward is ``_foreach_sub``
     plus one squared-norm reduction; the backward scales the saved differences in place
     (``_foreach_mul_``) and returns them as the gradients: one pass, no new allocation.
-    ``apply(n, *params, *refs)``; ``refs`` get no gradient.
+    ``apply(refs, *params)``: the references are a plain list, not inputs, so they get no
+    gradient and autograd does no per-tensor bookkeeping for them.
     """
 
     @staticmethod
-    def forward(ctx: Any, n: int, *tensors: Tensor) -> Tensor:
-        params, refs = list(tensors[:n]), list(tensors[n:])
-        diffs = list(torch._foreach_sub(params, refs))  # p_n - r_n, dtype promoted as by `-`
-        needs = ctx.needs_input_grad[1 : n + 1]
-        ctx.n = n
-        # Inputs only, for a repeated or differentiable backward; reusing them costs no memory.
-        ctx.save_for_backward(*params, *refs)
+    def forward(ctx: Any, refs: list[Tensor], *params: Tensor) -> Tensor:
+        diffs = torch._foreach_sub(params, refs)  # p_n - r_n, dtype promoted as by `-`
+        needs = ctx.needs_input_grad[1:]
+        # Inputs, for a repeated or differentiable backward: no memory, and in-place changes to
+        # a parameter before such a backward raise instead of giving a wrong gradient.
+        ctx.save_for_backward(*params)
+        ctx.refs = refs
         # The differences of parameters that get a gradient: as much memory as the saved input
         # of the per-parameter graph's `pow`. Kept on ctx, not saved, because backward overwrites
         # them (saved-tensor hooks, e.g. CPU offloading, therefore do not see them).
@@ -179,24 +180,21 @@ class _L2SP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        n: int = ctx.n
         diffs: list[Tensor | None] | None = ctx.diffs
         ctx.diffs = None  # the buffers become the gradients; a second backward recomputes
         grads: list[Tensor | None]
         if diffs is None or torch.is_grad_enabled():
             # backward after `retain_graph=True`, or `create_graph=True` (double backward):
             # recompute from the inputs with ordinary, differentiable ops.
-            saved = ctx.saved_tensors
-            params, refs = saved[:n], saved[n:]
-            needs = ctx.needs_input_grad[1 : n + 1]
+            needs = ctx.needs_input_grad[1:]
             grads = [
                 grad_out * (p - r) if need else None
-                for p, r, need in zip(params, refs, needs, strict=True)
+                for p, r, need in zip(ctx.saved_tensors, ctx.refs, needs, strict=True)
             ]
         else:
             torch._foreach_mul_([d for d in diffs if d is not None], grad_out)
             grads = diffs
-        return (None, *grads, *([None] * n))
+        return (None, *grads)
 
 
 def l2sp_penalty(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> Tensor:
@@ -219,9 +217,9 @@ def l2sp_penalty(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) 
         )
     if not reference:
         return torch.zeros(())
-    targets = [params[n] for n in reference]
-    refs = [r.detach() for r in reference.values()]
-    out: Tensor = _L2SP.apply(len(refs), *targets, *refs)
+    # detach() is a dispatched op; skip it where there is nothing to cut (161x on ResNet-50)
+    refs = [r.detach() if r.requires_grad else r for r in reference.values()]
+    out: Tensor = _L2SP.apply(refs, *[params[n] for n in reference])
     return out
 
 
