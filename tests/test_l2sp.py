@@ -188,11 +188,16 @@ def test_repeated_backward_and_mixed_dtypes() -> None:
     value = RF.l2sp_penalty(params, reference)
     assert value.dtype == torch.float64  # promoted as by stacking the per-tensor terms
     (3 * value).backward(retain_graph=True)
-    value.backward()
+    value.backward(retain_graph=True)
     expected = ref_l2sp_grads(params, reference, scale=4.0)
     for name, p in params.items():
         assert p.grad is not None and p.grad.dtype == p.dtype
         assert_close(p.grad.double(), expected[name], rtol=GRAD_RTOL, atol=0.0)
+    # a third backward after an in-place update would recompute from changed values: it raises
+    with torch.no_grad():
+        params["x"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.backward()
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
