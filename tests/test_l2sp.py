@@ -1,10 +1,12 @@
 """The fused L2-SP penalty against the naive loops of tests/reference.py.
 
 Float32 tolerances, with u = 2**-24 the unit roundoff: a gradient ``g * (p - r)`` is two
-roundings away from the exact value (``rtol=GRAD_RTOL = 4u``); a value is a sum of squares of
-rounded differences, reduced by a cascade sum (CPU) or a squared norm (CUDA), measured within
-~1e-6 of the exact sum on ResNet-18 (``rtol=VALUE_RTOL = 1e-5``). Float64 is compared at 1e-10,
-the accumulated round-off of the reference's own 11 M-term Python sum.
+roundings away from the exact value (``GRAD_RTOL = 4u``). A value is a sum of squares of rounded
+differences reduced in blocks (a cascade sum on CPU, ``_foreach_norm`` squared on CUDA): its
+worst-case error is about u times (block length + log2 n), ~100u, hence ``VALUE_RTOL = 1e-5``;
+measured errors are below 2e-7 (ResNet-18 on CPU 8e-8, ResNet-50 per tensor on an H100 1.5e-7).
+Float64 is compared at 1e-10, above the round-off of the reference's own 11 M-term Python sum
+(1.6e-12 measured); it would catch a dropped tensor, which float32's tolerance might not.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def test_frozen_parameters_and_reference_subset() -> None:
     value = RF.l2sp_penalty(params, reference)
     assert_close(value, ref_l2sp_penalty(params, reference), rtol=F64_RTOL, atol=0.0)
     value.backward()
-    assert_close(params["a"].grad, ref_l2sp_grads(params, reference)["a"])
+    assert_close(params["a"].grad, ref_l2sp_grads(params, reference)["a"], rtol=F64_RTOL, atol=0.0)
     assert params["b"].grad is None and params["head"].grad is None  # frozen; not in reference
     frozen = {n: params[n] for n in "bc"}
     value = RF.l2sp_penalty(frozen, {n: reference[n] for n in "bc"})
