@@ -3,7 +3,8 @@
 Prints, per model, the median time of one SGD step (forward, backward, update) for every method,
 measured interleaved in one process, and its ratio to `l2`. `delta (straightforward)` runs the
 whole frozen source as it is; `delta` folds its BatchNorm into the convolutions and stops it after
-the last regularized layer. Target (DESIGN.md section 3): delta / l2 <= 1.25.
+the last regularized layer. Target (DESIGN.md section 3): delta / l2 <= 1.25. `l2sp (unfused)` is
+the per-parameter L2-SP graph that the fused `l2sp_penalty` replaced, kept here for comparison.
 
     python benchmarks/step_overhead.py --batch 32 --image 112 --rounds 10
 """
@@ -15,9 +16,24 @@ import platform
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from benchmarks._common import MODELS, batch, interleaved_median, source_and_model
 from deltaft import TransferObjective
+from deltaft.regularizers import L2SPRegularizer
+
+UNFUSED = "l2sp (unfused)"
+
+
+def _unfused_l2sp_penalty(params: dict[str, Tensor], reference: dict[str, Tensor]) -> Tensor:
+    """The previous ``l2sp_penalty``: sub, pow and sum per parameter tensor, then stack."""
+    terms = [(params[n] - ref.detach()).pow(2).sum() for n, ref in reference.items()]
+    return 0.5 * torch.stack(terms).sum()
+
+
+class _UnfusedL2SP(L2SPRegularizer):
+    def forward(self, params: dict[str, Tensor]) -> Tensor:
+        return _unfused_l2sp_penalty(params, self.reference())
 
 
 def _step_fn(objective: TransferObjective, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -39,6 +55,7 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
     variants = {
         "l2": {"method": "l2"},
         "l2sp": {"method": "l2sp"},
+        UNFUSED: {"method": "l2sp"},
         "fm": {"method": "fm"},
         "delta": {"method": "delta", "attention": "uniform"},
         "delta (straightforward)": {
@@ -53,7 +70,10 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
         # Each variant trains its own copy so that no step sees another's updates.
         objective = TransferObjective(
             __import__("copy").deepcopy(model), source, input_size=image, **kwargs
-        ).to(device)
+        )
+        if label == UNFUSED and objective.l2sp is not None:
+            objective.l2sp = _UnfusedL2SP(objective.l2sp.reference())
+        objective = objective.to(device)
         fns[label] = _step_fn(objective, x, y)
     medians = interleaved_median(fns, rounds, device)
     base = medians["l2"]

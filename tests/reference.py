@@ -64,6 +64,18 @@ def ref_l2sp_penalty(params: dict[str, Tensor], reference: dict[str, Tensor]) ->
     return torch.tensor(0.5 * total, dtype=torch.float64)
 
 
+def ref_l2sp_grads(
+    params: dict[str, Tensor], reference: dict[str, Tensor], scale: float = 1.0
+) -> dict[str, Tensor]:
+    """Gradient of ``scale * ref_l2sp_penalty`` w.r.t. each parameter: ``scale * (p - r)``."""
+    grads = {}
+    for name, ref in reference.items():
+        pairs = zip(params[name].flatten().tolist(), ref.flatten().tolist(), strict=True)
+        values = [scale * (p - r) for p, r in pairs]
+        grads[name] = torch.tensor(values, dtype=torch.float64).reshape(ref.shape)
+    return grads
+
+
 def ref_l2_penalty(params: list[Tensor]) -> Tensor:
     """1/2 * sum of squares, element by element."""
     total = 0.0

@@ -3,9 +3,10 @@
 
 This is the only module that configures logging, threads, devices and the process group. Printing
 to stdout happens here and in the ``_run`` function of each subcommand module (``compare``,
-``demo``, ``split``); the library functions they call return values and log. User errors (:class:`~deltaft.errors.UserError` and the library's
-``ValueError`` s) end with exit status 2 and one line on stderr, ``deltaft: error: ...``; a
-diverged training with status 1; ``--debug`` shows the traceback instead.
+``demo``, ``split``); the library functions they call return values and log. User errors
+(:class:`~deltaft.errors.UserError` and the library's ``ValueError`` s) end with exit status 2
+and one line on stderr, ``deltaft: error: ...``; a diverged training with status 1; ``--debug``
+shows the traceback instead.
 
 Examples::
 

@@ -8,7 +8,7 @@ spatial size.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -140,10 +140,70 @@ def feature_map_penalty(
     return total
 
 
+def _squared_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """``||t||^2`` of every tensor, shape ``(N,)``.
+
+    On CUDA one fused multi-tensor kernel, ``torch._foreach_norm``, squared. Elsewhere each tensor
+    is squared and summed: CPU's norm kernel accumulates a long float32 vector with 3e-3 relative
+    error on a 2.4 M-element ResNet-50 weight (torch 2.14, measured), its sum is cascaded (5e-7).
+    """
+    if all(t.is_cuda for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors)).square()
+    return torch.stack([t.square().sum() for t in tensors])
+
+
+class _L2SP(torch.autograd.Function):
+    """``1/2 * sum_n ||p_n - r_n||^2`` as one autograd node with multi-tensor kernels.
+
+    The per-parameter graph (sub, pow, sum per tensor, then stack) runs ~8 small ops per tensor
+    through autograd and re-reads every parameter several times; on ResNet-50 (161 tensors) it
+    made a step 1.46x a plain one (benchmarks/README.md). Here the forward is ``_foreach_sub``
+    plus one squared-norm reduction; the backward scales the saved differences in place
+    (``_foreach_mul_``) and returns them as the gradients: one pass, no new allocation.
+    ``apply(refs, *params)``: the references are a plain list, not inputs, so they get no
+    gradient and autograd does no per-tensor bookkeeping for them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, refs: list[Tensor], *params: Tensor) -> Tensor:
+        diffs = torch._foreach_sub(params, refs)  # p_n - r_n, dtype promoted as by `-`
+        needs = ctx.needs_input_grad[1:]
+        # Inputs, for a repeated or differentiable backward: no memory, and in-place changes to
+        # a parameter before such a backward raise instead of giving a wrong gradient.
+        ctx.save_for_backward(*params)
+        ctx.refs = refs
+        # The differences of parameters that get a gradient: as much memory as the saved input
+        # of the per-parameter graph's `pow`. Kept on ctx, not saved, because backward overwrites
+        # them (saved-tensor hooks, e.g. CPU offloading, therefore do not see them).
+        ctx.diffs = [d if need else None for d, need in zip(diffs, needs, strict=True)]
+        return 0.5 * _squared_norms(diffs).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        diffs: list[Tensor | None] | None = ctx.diffs
+        ctx.diffs = None  # the buffers become the gradients; a second backward recomputes
+        grads: list[Tensor | None]
+        if diffs is None or torch.is_grad_enabled():
+            # backward after `retain_graph=True`, or `create_graph=True` (double backward):
+            # recompute from the inputs with ordinary, differentiable ops.
+            needs = ctx.needs_input_grad[1:]
+            grads = [
+                grad_out * (p - r) if need else None
+                for p, r, need in zip(ctx.saved_tensors, ctx.refs, needs, strict=True)
+            ]
+        else:
+            torch._foreach_mul_([d for d in diffs if d is not None], grad_out)
+            grads = diffs
+        return (None, *grads)
+
+
 def l2sp_penalty(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> Tensor:
     r"""L2-SP: ``1/2 * sum_{n in reference} ||params[n] - reference[n]||^2``.
 
     Only the names in ``reference`` count (the pre-trained parameters); ``reference`` is detached.
+    The gradient with respect to ``params[n]`` is ``params[n] - reference[n]``. Computed with
+    multi-tensor (``torch._foreach``) kernels in one autograd node; on CUDA each sum of squares
+    is a squared norm, so float32 values may differ from ``.pow(2).sum()`` in the last bits.
 
     Example:
         >>> l2sp_penalty({"w": torch.full((2,), 3.0)}, {"w": torch.ones(2)})
@@ -155,10 +215,12 @@ def l2sp_penalty(params: Mapping[str, Tensor], reference: Mapping[str, Tensor]) 
             f"Parameters {missing[:5]} are in the reference but not in the model; "
             "build the reference from the same model."
         )
-    terms = [(params[n] - ref.detach()).pow(2).sum() for n, ref in reference.items()]
-    if not terms:
+    if not reference:
         return torch.zeros(())
-    return 0.5 * torch.stack(terms).sum()
+    # detach() is a dispatched op; skip it where there is nothing to cut (161x on ResNet-50)
+    refs = [r.detach() if r.requires_grad else r for r in reference.values()]
+    out: Tensor = _L2SP.apply(refs, *[params[n] for n in reference])
+    return out
 
 
 def l2_penalty(params: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
