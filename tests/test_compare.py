@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deltaft.compare import CompareResult, parse_methods, parse_seeds, run_compare
@@ -398,3 +399,36 @@ def test_cli_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert [run["reused"] for run in json.loads((out / "compare.json").read_text())["runs"]] == [
         True
     ] * 4
+
+
+def test_cli_compare_jobs_give_the_same_runs_as_one_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--jobs 2 trains in two spawned processes; every run equals its in-process twin."""
+    data = _image_folder(tmp_path / "data")
+    common = [
+        "--data", str(data), "--model", "tests.toy_models:tiny_cnn", "--weights", "none",
+        "--image-size", "16", "--epochs", "2", "--batch-size", "8", "--attention-epochs", "1",
+        "--device", "cpu", "--workers", "0", "--methods", "l2,delta", "--seeds", "2",
+        "--threads", "1",
+    ]  # fmt: skip
+    assert _cli(*common, "--out", str(tmp_path / "one")) == 0
+    capsys.readouterr()
+    assert _cli(*common, "--out", str(tmp_path / "two"), "--jobs", "2") == 0
+    assert "| delta |" in capsys.readouterr().out
+    one = json.loads((tmp_path / "one" / "compare.json").read_text())
+    two = json.loads((tmp_path / "two" / "compare.json").read_text())
+    assert [(r["method"], r["seed"]) for r in two["runs"]] == [
+        ("l2", 0), ("l2", 1), ("delta", 0), ("delta", 1)
+    ]  # fmt: skip
+    assert [r["accuracy"] for r in two["runs"]] == [r["accuracy"] for r in one["runs"]]
+    for name in ("l2-seed0", "l2-seed1", "delta-seed0", "delta-seed1"):
+        a = torch.load(tmp_path / "one" / name / "checkpoints" / "last.pt", weights_only=True)
+        b = torch.load(tmp_path / "two" / name / "checkpoints" / "last.pt", weights_only=True)
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (name, key)
+
+
+def test_jobs_below_one_is_an_error(fake: _FakeTraining, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--jobs must be >= 1, got 0"):
+        run_compare(_base(), ["l2"], 1, tmp_path / "cmp", jobs=0)

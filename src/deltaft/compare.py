@@ -399,6 +399,77 @@ def _run_result(
     )
 
 
+class _JobFormatter(logging.Formatter):
+    """``deltaft: warning: ...``, as the command line writes its warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"deltaft: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _job_init(threads: int, level: int) -> None:
+    """A compare job's process: its torch threads, warnings to stderr, Ctrl-C left to the parent."""
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    package = logging.getLogger("deltaft")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(_JobFormatter())
+        package.addHandler(handler)
+    package.setLevel(max(level, logging.WARNING))
+
+
+def _job_train(cfg: TrainConfig) -> dict[str, Any]:
+    from deltaft.train import run_training
+
+    return run_training(cfg)
+
+
+def _train_in_jobs(
+    todo: Sequence[tuple[str, int, TrainConfig]],
+    jobs: int,
+    done: dict[tuple[str, int], RunResult],
+    total: int,
+) -> None:
+    """Train ``todo`` in ``jobs`` processes at once, adding each finished run to ``done``."""
+    import multiprocessing
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    level = logging.getLogger("deltaft").getEffectiveLevel()
+    logger.info("compare: %d runs, %d at once, %d torch thread(s) each", len(todo), jobs, threads)
+    pool = multiprocessing.get_context("spawn").Pool(
+        min(jobs, len(todo)), initializer=_job_init, initargs=(threads, level)
+    )
+    try:
+        pending = {
+            (method, seed): (cfg, pool.apply_async(_job_train, (cfg,)))
+            for method, seed, cfg in todo
+        }
+        while pending:
+            finished = [key for key, (_, result) in pending.items() if result.ready()]
+            if not finished:
+                next(iter(pending.values()))[1].wait(0.2)
+                continue
+            for method, seed in finished:
+                cfg, result = pending.pop((method, seed))
+                run = _run_result(method, seed, result.get(), Path(cfg.out), reused=False)
+                done[(method, seed)] = run
+                logger.info(
+                    "compare %d/%d: %s, seed %d: %.2f %% (%s) in %.0f s -> %s",
+                    len(done), total, method, seed, run.accuracy, run.split, run.seconds,
+                    run.run_dir,
+                )  # fmt: skip
+        pool.close()
+    finally:
+        pool.terminate()  # at once on an error or Ctrl-C; a finished pool has nothing left
+        pool.join()
+
+
 def run_compare(
     base: TrainConfig,
     methods: Sequence[str],
@@ -406,6 +477,7 @@ def run_compare(
     out: str | Path,
     *,
     progress: ProgressFn | None = None,
+    jobs: int = 1,
 ) -> CompareResult:
     """Train every method with every seed on the same data and tabulate the accuracies.
 
@@ -431,7 +503,12 @@ def run_compare(
         methods: names from :data:`COMPARE_METHODS`, e.g. ``["l2", "l2sp", "delta"]``.
         seeds: the seeds, or a count ``N`` for seeds ``0 .. N-1``.
         out: the comparison folder.
-        progress: passed on to :func:`~deltaft.train.run_training`.
+        progress: passed on to :func:`~deltaft.train.run_training` (``jobs=1`` only).
+        jobs: runs trained at once, each in its own process (``spawn``) with
+            ``max(1, torch.get_num_threads() // jobs)`` torch threads, so that two jobs on two
+            cores do not fight over them. A run gives the same result in a job as in-process
+            with that thread count. Each finished run is logged in one line; warnings still
+            show. Ctrl-C stops every job; the next call continues the unfinished runs.
 
     Returns:
         A :class:`CompareResult`; ``result.table_markdown()`` is the table.
@@ -451,8 +528,11 @@ def run_compare(
         for method in methods
         for seed in seed_list
     ]
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}.")
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[RunResult]] = {method: [] for method in methods}
+    done: dict[tuple[str, int], RunResult] = {}
+    todo: list[tuple[str, int, TrainConfig]] = []
     for index, (method, seed, cfg) in enumerate(plan, start=1):
         run_dir = Path(cfg.out)
         summary_path = run_dir / "summary.json"
@@ -460,15 +540,20 @@ def run_compare(
             summary = _read_summary(summary_path)
             _check_reusable(summary, cfg, run_dir)
             logger.info("compare %d/%d: reusing finished run %s", index, len(plan), run_dir)
-            runs[method].append(_run_result(method, seed, summary, run_dir, reused=True))
+            done[(method, seed)] = _run_result(method, seed, summary, run_dir, reused=True)
             continue
         if RunDir(run_dir).holds_run():  # interrupted: continue from its last checkpoint
             cfg = dataclasses.replace(cfg, resume=True)
-            logger.info("compare %d/%d: continuing interrupted run %s", index, len(plan), run_dir)
-        else:
-            logger.info("compare %d/%d: %s, seed %d -> %s", index, len(plan), method, seed, run_dir)
-        summary = run_training(cfg, progress=progress)
-        runs[method].append(_run_result(method, seed, summary, run_dir, reused=False))
+        todo.append((method, seed, cfg))
+    if jobs == 1 or len(todo) <= 1:
+        for method, seed, cfg in todo:
+            action = "continuing interrupted run" if cfg.resume else f"{method}, seed {seed} ->"
+            logger.info("compare %d/%d: %s %s", len(done) + 1, len(plan), action, cfg.out)
+            summary = run_training(cfg, progress=progress)
+            done[(method, seed)] = _run_result(method, seed, summary, Path(cfg.out), reused=False)
+    else:
+        _train_in_jobs(todo, jobs, done, len(plan))
+    runs = {method: [done[(method, seed)] for seed in seed_list] for method in methods}
     rows = [CompareRow(method, tuple(method_runs)) for method, method_runs in runs.items()]
     result = CompareResult(rows=rows, seeds=seed_list, out=out)
     files = {name: path for name, path in result.write().items() if path is not None}
@@ -538,6 +623,16 @@ def add_parser(subparsers: Any) -> None:
         default=[0, 1, 2],
         help="a count N (seeds 0..N-1) or a comma-separated list of seeds (default: 3)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            "runs trained at once, each in its own process with threads/N torch threads "
+            "(default: 1, in this process)"
+        ),
+    )
     add_train_arguments(parser)
     for action in parser._actions:  # argparse has no public way to reword an added option
         if action.dest == "out":
@@ -555,7 +650,12 @@ def _run(args: argparse.Namespace) -> int:
 
     base = config_from_args(args)  # --out may come from a --config file
     result = run_compare(
-        base, args.methods, args.seeds, base.out, progress=getattr(args, "progress", None)
+        base,
+        args.methods,
+        args.seeds,
+        base.out,
+        progress=getattr(args, "progress", None),
+        jobs=args.jobs,
     )
     print(result.table_markdown())
     for path in result.files.values():

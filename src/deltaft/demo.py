@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 DEMO_METHODS: tuple[str, ...] = ("l2", "l2sp", "delta")
 DEFAULT_CACHE_DIR = Path("~/.cache/deltaft")
+# Two one-thread runs at once use two cores without the OpenMP contention that one two-thread
+# run meets on a busy machine (benchmarks/README.md, section 5: demo wall time).
+DEFAULT_JOBS = min(2, os.cpu_count() or 1)
 DEFAULT_OUT = Path("runs/demo")
 # The fixed split of MNIST-5k: 300 images a class form the pool that training (and validation)
 # images are drawn from, the other 200 a class are the test set, used for nothing but the table.
@@ -279,6 +282,7 @@ def run_demo(
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     overrides: Mapping[str, Any] | None = None,
     progress: ProgressFn | None = None,
+    jobs: int = 1,
 ) -> CompareResult:
     """Run the demo: MNIST-5k in an image folder, then ``compare`` of ``methods`` over ``seeds``.
 
@@ -294,6 +298,7 @@ def run_demo(
         cache_dir: where the MNIST-5k image folder is written once.
         overrides: settings that win over the file (e.g. ``{"device": "cpu"}``).
         progress: passed on to :func:`deltaft.train.run_training`.
+        jobs: runs trained at once (:func:`deltaft.compare.run_compare`).
 
     Returns:
         The comparison; ``result.table_markdown()`` is the table.
@@ -309,7 +314,7 @@ def run_demo(
     _check_weights(cfg)
     data = prepare_mnist5k(cache_dir)
     cfg = demo_config(data, out, config=config, overrides=overrides)
-    return run_compare(cfg, methods, seeds, out, progress=progress)
+    return run_compare(cfg, methods, seeds, out, progress=progress, jobs=jobs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,6 +360,16 @@ def add_parser(subparsers: Any) -> None:
         help=f"where MNIST-5k is written once (default: {DEFAULT_CACHE_DIR})",
     )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=(
+            "runs trained at once, each in its own process with threads/N torch threads "
+            f"(default: {DEFAULT_JOBS}, the CPU count up to 2)"
+        ),
+    )
     add_log_every_argument(parser)
     parser.set_defaults(func=_run)
 
@@ -371,6 +386,7 @@ def _run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         overrides=overrides,
         progress=getattr(args, "progress", None),
+        jobs=args.jobs,
     )
     print(result.table_markdown())
     reused = sum(run.reused for run in result.runs)
