@@ -3,7 +3,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -432,3 +437,42 @@ def test_cli_compare_jobs_give_the_same_runs_as_one_process(
 def test_jobs_below_one_is_an_error(fake: _FakeTraining, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--jobs must be >= 1, got 0"):
         run_compare(_base(), ["l2"], 1, tmp_path / "cmp", jobs=0)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_job_and_the_same_command_continues(tmp_path: Path) -> None:
+    """Ctrl-C during `compare --jobs 2`: exit 130, the jobs end, the next call resumes them."""
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "cmp"
+    command = [
+        sys.executable, "-m", "deltaft", "--threads", "1", "compare", "--data", str(data),
+        "--model", "tests.toy_models:tiny_cnn", "--weights", "none", "--image-size", "16",
+        "--epochs", "150", "--batch-size", "4", "--device", "cpu", "--workers", "0",
+        "--methods", "l2", "--seeds", "2", "--jobs", "2", "--out", str(out),
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.Popen(
+        command, cwd=root, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = [out / f"l2-seed{seed}" / "metrics.jsonl" for seed in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(p.is_file() and len(p.read_text().splitlines()) >= 5 for p in metrics):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "the same command continues the others" in stderr
+    first_lines = [p.read_text().splitlines()[0] for p in metrics]
+    done_before = [len(p.read_text().splitlines()) for p in metrics]
+    assert all(n < 150 for n in done_before)
+    assert not any((out / f"l2-seed{seed}" / "summary.json").exists() for seed in (0, 1))
+
+    rerun = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    for file, first in zip(metrics, first_lines, strict=True):
+        lines = file.read_text().splitlines()
+        assert len(lines) == 150
+        assert lines[0] == first  # continued, not trained again from epoch 1

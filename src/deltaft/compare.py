@@ -465,6 +465,11 @@ def _train_in_jobs(
                     run.run_dir,
                 )  # fmt: skip
         pool.close()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            "interrupted; the finished runs are kept, and the same command continues the "
+            "others from their last finished epoch."
+        ) from None
     finally:
         pool.terminate()  # at once on an error or Ctrl-C; a finished pool has nothing left
         pool.join()
