@@ -58,11 +58,17 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
         UNFUSED: {"method": "l2sp"},
         "fm": {"method": "fm"},
         "delta": {"method": "delta", "attention": "uniform"},
+        "delta (source in input layout)": {
+            "method": "delta",
+            "attention": "uniform",
+            "source_channels_last": False,
+        },
         "delta (straightforward)": {
             "method": "delta",
             "attention": "uniform",
             "truncate_source": False,
             "fold_source_bn": False,
+            "source_channels_last": False,
         },
     }
     fns = {}

@@ -169,6 +169,25 @@ def test_folded_source_gives_the_same_penalty(batch) -> None:  # type: ignore[no
     assert_close(folded(*batch)["reg/delta"], plain(*batch)["reg/delta"], rtol=1e-5, atol=1e-6)
 
 
+def test_channels_last_source_gives_the_same_loss_and_gradients(batch) -> None:  # type: ignore[no-untyped-def]
+    nhwc = _objective("delta", layers=["stem.0", "conv2"]).train()
+    same = _objective("delta", layers=["stem.0", "conv2"], source_channels_last=False).train()
+    seen: list[torch.Tensor] = []
+    handle = nhwc.source.get_submodule("conv2").register_forward_hook(
+        lambda _m, _i, out: seen.append(out)
+    )
+    a, b = nhwc(*batch), same(*batch)
+    handle.remove()
+    assert seen and seen[0].is_contiguous(memory_format=torch.channels_last)
+    for key in ("loss", "reg/delta", "task_loss"):
+        assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    a["loss"].backward()
+    b["loss"].backward()
+    for (name, p), q in zip(nhwc.model.named_parameters(), same.model.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fold_batchnorm_falls_back_on_untraceable(batch) -> None:  # type: ignore[no-untyped-def]
     from deltaft._fuse import fold_batchnorm
 
