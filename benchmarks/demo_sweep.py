@@ -145,6 +145,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/demo-sweep"))
     parser.add_argument("--table", type=Path, metavar="JSONL", help="only print a saved sweep")
+    parser.add_argument(
+        "--grid",
+        type=json.loads,
+        metavar="JSON",
+        help='other settings instead of GRID, e.g. \'[["l2", {"lr": 0.01, "epochs": 20}]]\'',
+    )
+    parser.add_argument("--splits", default="1,2,3", help="comma list out of 1, 2, 3")
     args = parser.parse_args()
     if args.table:
         print(table([json.loads(line) for line in args.table.read_text().splitlines()]))
@@ -166,8 +173,8 @@ def main() -> None:
             "scratch": str(args.out / "scratch"),
         }
         for seed in range(args.seeds)
-        for split in SPLITS
-        for method, setting in GRID
+        for split in (int(k) for k in args.splits.split(","))
+        for method, setting in (args.grid or GRID)
     ]
     results_path = args.out / "results.jsonl"
     pool = mp.get_context("spawn").Pool(args.workers, initializer=_init)
