@@ -38,6 +38,7 @@ __all__ = [
     "CompareRow",
     "RunResult",
     "add_parser",
+    "add_seeds_and_jobs_arguments",
     "parse_methods",
     "parse_seeds",
     "run_compare",
@@ -422,10 +423,11 @@ def _job_init(threads: int, level: int) -> None:
     package.setLevel(max(level, logging.WARNING))
 
 
-def _job_train(cfg: TrainConfig) -> dict[str, Any]:
+def _job_train(job: tuple[int, TrainConfig]) -> tuple[int, dict[str, Any]]:
     from deltaft.train import run_training
 
-    return run_training(cfg)
+    index, cfg = job
+    return index, run_training(cfg)
 
 
 def _train_in_jobs(
@@ -446,24 +448,15 @@ def _train_in_jobs(
         min(jobs, len(todo)), initializer=_job_init, initargs=(threads, level)
     )
     try:
-        pending = {
-            (method, seed): (cfg, pool.apply_async(_job_train, (cfg,)))
-            for method, seed, cfg in todo
-        }
-        while pending:
-            finished = [key for key, (_, result) in pending.items() if result.ready()]
-            if not finished:
-                next(iter(pending.values()))[1].wait(0.2)
-                continue
-            for method, seed in finished:
-                cfg, result = pending.pop((method, seed))
-                run = _run_result(method, seed, result.get(), Path(cfg.out), reused=False)
-                done[(method, seed)] = run
-                logger.info(
-                    "compare %d/%d: %s, seed %d: %.2f %% (%s) in %.0f s -> %s",
-                    len(done), total, method, seed, run.accuracy, run.split, run.seconds,
-                    run.run_dir,
-                )  # fmt: skip
+        jobs_in_order = [(index, cfg) for index, (_, _, cfg) in enumerate(todo)]
+        for index, summary in pool.imap_unordered(_job_train, jobs_in_order):
+            method, seed, cfg = todo[index]
+            run = _run_result(method, seed, summary, Path(cfg.out), reused=False)
+            done[(method, seed)] = run
+            logger.info(
+                "compare %d/%d: %s, seed %d: %.2f %% (%s) in %.0f s -> %s",
+                len(done), total, method, seed, run.accuracy, run.split, run.seconds, run.run_dir,
+            )  # fmt: skip
         pool.close()
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
@@ -593,6 +586,28 @@ class _Refuse(argparse.Action):
         raise argparse.ArgumentError(self, f"not an option of compare; {self.hint}.")
 
 
+def add_seeds_and_jobs_arguments(
+    parser: argparse.ArgumentParser, *, jobs: int, jobs_note: str
+) -> None:
+    """``--seeds`` and ``--jobs``, as ``compare`` and ``demo`` both take them."""
+    parser.add_argument(
+        "--seeds",
+        type=argparse_type(parse_seeds),
+        default=[0, 1, 2],
+        help="a count N (seeds 0..N-1) or a comma-separated list of seeds (default: 3)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=jobs,
+        metavar="N",
+        help=(
+            "runs trained at once, each in its own process with threads/N torch threads "
+            f"(default: {jobs}, {jobs_note})"
+        ),
+    )
+
+
 def add_parser(subparsers: Any) -> None:
     """Add the ``compare`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result).
 
@@ -622,22 +637,7 @@ def add_parser(subparsers: Any) -> None:
             "random weights (default: l2,l2sp,delta)"
         ),
     )
-    parser.add_argument(
-        "--seeds",
-        type=argparse_type(parse_seeds),
-        default=[0, 1, 2],
-        help="a count N (seeds 0..N-1) or a comma-separated list of seeds (default: 3)",
-    )
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help=(
-            "runs trained at once, each in its own process with threads/N torch threads "
-            "(default: 1, in this process)"
-        ),
-    )
+    add_seeds_and_jobs_arguments(parser, jobs=1, jobs_note="in this process")
     add_train_arguments(parser)
     for action in parser._actions:  # argparse has no public way to reword an added option
         if action.dest == "out":

@@ -323,7 +323,7 @@ def run_demo(
 def add_parser(subparsers: Any) -> None:
     """Add the ``demo`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result)."""
     from deltaft.cli import add_log_every_argument
-    from deltaft.compare import parse_methods, parse_seeds
+    from deltaft.compare import add_seeds_and_jobs_arguments, parse_methods
 
     parser = subparsers.add_parser(
         "demo",
@@ -341,12 +341,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="settings (default: the packaged configs/demo.yaml)"
     )
-    parser.add_argument(
-        "--seeds",
-        type=argparse_type(parse_seeds),
-        default=[0, 1, 2],
-        help="a count N (seeds 0..N-1) or a comma-separated list (default: 3)",
-    )
+    add_seeds_and_jobs_arguments(parser, jobs=DEFAULT_JOBS, jobs_note="the CPU count up to 2")
     parser.add_argument(
         "--methods",
         type=argparse_type(parse_methods),
@@ -360,16 +355,6 @@ def add_parser(subparsers: Any) -> None:
         help=f"where MNIST-5k is written once (default: {DEFAULT_CACHE_DIR})",
     )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=DEFAULT_JOBS,
-        metavar="N",
-        help=(
-            "runs trained at once, each in its own process with threads/N torch threads "
-            f"(default: {DEFAULT_JOBS}, the CPU count up to 2)"
-        ),
-    )
     add_log_every_argument(parser)
     parser.set_defaults(func=_run)
 
