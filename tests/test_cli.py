@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from deltaft.cli import ProgressPrinter, main
 from deltaft.config import TrainConfig, load_config
 from deltaft.engine import Progress
+from deltaft.models import build_model
+from deltaft.train import _build_data
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     CLASSES,
     MODEL,
@@ -135,9 +137,15 @@ def test_iterations_adamw_and_no_validation_split(
     (tmp_path / "tmp" / "train").rename(flat)
     args = _train_args(flat, tmp_path / "run", "--method", "l2", "--optimizer", "adamw")
     args[args.index("--epochs") : args.index("--epochs") + 2] = ["--iterations", "5"]
-    code, out, err = run_main(capsys, *args, "--schedule", "exponential", "--lr", "0.001")
+    augment = ("--hflip", "0", "--crop-scale", "0.5")
+    code, out, err = run_main(capsys, *args, "--schedule", "exponential", "--lr", "0.001", *augment)
     assert code == 0, err
     assert "val accuracy" not in out and "test accuracy:" in out
+    cfg = TrainConfig.from_sources(load_config(tmp_path / "run" / "config.yaml"))
+    assert (cfg.hflip, cfg.crop_scale) == (0.0, 0.5)
+    train_tf = _build_data(cfg, build_model(MODEL, weights="none")[1], 16).train.transform
+    steps = {type(step).__name__: step for step in train_tf.transforms}
+    assert "RandomHorizontalFlip" not in steps and steps["RandomResizedCrop"].scale == (0.5, 1.0)
     rows = _metrics(tmp_path / "run")
     assert [row["step"] for row in rows] == [2, 4, 5]  # 16 training images, batch 8, 5 steps
     assert "val/acc" not in rows[0]

@@ -320,9 +320,32 @@ def test_paper_eval_transform_matches_reference_protocol() -> None:
     assert eval_transform(224).transforms[1].size == 256  # default: short side 224 / 0.875
 
 
+def test_hflip_probability_and_crop_scale() -> None:
+    # Left half white, right half black; crop_scale 1 on a square image keeps the whole image
+    # (no crop of full area has another aspect ratio), so only the flip can change it.
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[:, :16] = 255
+    image = Image.fromarray(pixels)
+    unit = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    for hflip, left_is_white in ((0.0, True), (1.0, False)):
+        tf = train_transform(16, hflip=hflip, crop_scale=1.0, **unit)
+        for _ in range(5):
+            out = tf(image)
+            assert (out[:, :, :8].mean() > 0.9) == left_is_white
+            assert (out[:, :, 8:].mean() > 0.9) != left_is_white
+    steps = train_transform(16, hflip=0.0).transforms
+    assert "RandomHorizontalFlip" not in [type(s).__name__ for s in steps]
+    assert steps[1].scale == (0.25, 1.0)  # the default crop
+    assert train_transform(16, crop_scale=0.5).transforms[1].scale == (0.5, 1.0)
+    assert train_transform(16, hflip=0.3).transforms[2].p == 0.3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"hflip": -0.1}, r"hflip is a probability in \[0, 1\], got -0.1"),
+        ({"crop_scale": 1.5}, r"crop_scale is the smallest area fraction .* got 1.5"),
+        ({"crop_scale": 0.5, "preset": "paper"}, "Drop --crop-scale or use --preset default"),
         ({"image_size": 0}, "image_size must be a positive integer"),
         ({"preset": "fancy"}, "Unknown preset 'fancy'"),
         ({"mean": (0.5, 0.5)}, "mean and std need 3 values"),

@@ -230,6 +230,16 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "choices": ("default", "paper"),
         "help": "transforms: the model's pretrained config, or the paper's protocol",
     },
+    "hflip": {
+        "type": float,
+        "metavar": "P",
+        "help": "probability of the training flip (default: 0.5; 0 for digits or text)",
+    },
+    "crop_scale": {
+        "type": float,
+        "metavar": "S",
+        "help": "smallest area share of the default preset's random crop (default: 0.25)",
+    },
     "per_class": {"type": int, "metavar": "N", "help": "keep N training images per class"},
     "fraction": {"type": float, "metavar": "F", "help": "keep this fraction of each class"},
     "val_split": {
@@ -275,8 +285,8 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 _EXCLUSIVE = (("epochs", "iterations"), ("per_class", "fraction"))
 _PER_RUN = ("method", "seed", "resume")  # set per run by `compare`
 _ATTENTION_KEYS = (
-    "data", "model", "weights", "out", "layers", "batch_size", "image_size", "preset",
-    "per_class", "fraction", "val_split", "attention_epochs", "attention_batches",
+    "data", "model", "weights", "out", "layers", "batch_size", "image_size", "preset", "hflip",
+    "crop_scale", "per_class", "fraction", "val_split", "attention_epochs", "attention_batches",
     "attention_method", "temperature", "bn", "head", "seed", "device", "workers", "download",
     "data_root",
 )  # fmt: skip

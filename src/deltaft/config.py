@@ -91,6 +91,10 @@ class TrainConfig:
         image_size: training resolution; ``None`` is the model's pretrained size.
         preset: data transforms: ``default`` (the model's pretrained config) or ``paper``
             (``Resize((256, 256)) + RandomCrop(224) + flip``, as the reference code).
+        hflip: probability of the training transform's horizontal flip; 0 turns it off (for
+            digits or text, whose mirror image is another thing).
+        crop_scale: smallest area fraction the ``default`` preset's ``RandomResizedCrop``
+            keeps; ``None`` is 0.25. The ``paper`` preset has no such crop.
         per_class: keep N training images per class (stratified, seeded).
         fraction: keep this fraction of each class's training images (exclusive with
             ``per_class``).
@@ -138,6 +142,8 @@ class TrainConfig:
     lr_gamma: float = 0.1
     image_size: int | None = None
     preset: Preset = "default"
+    hflip: float = 0.5
+    crop_scale: float | None = None
     per_class: int | None = None
     fraction: float | None = None
     val_split: float = 0.0
@@ -200,6 +206,14 @@ class TrainConfig:
         if self.fraction is not None:
             _in_range("fraction", self.fraction, 0.0, 1.0, left_open=True)
         _in_range("val_split", self.val_split, 0.0, 1.0, right_open=True)
+        _in_range("hflip", self.hflip, 0.0, 1.0)
+        if self.crop_scale is not None:
+            _in_range("crop_scale", self.crop_scale, 0.0, 1.0, left_open=True)
+            if self.preset == "paper":
+                raise UserError(
+                    "--crop-scale sets the default preset's RandomResizedCrop; the paper preset "
+                    "crops a fixed size. Drop --crop-scale or use --preset default."
+                )
         if self.layers is not None and (
             not self.layers or len(set(self.layers)) != len(self.layers)
         ):

@@ -86,6 +86,7 @@ _FAKEDATA_TEST_OFFSET = 1_000_000  # FakeData seeds image i with i + offset: dis
 _SPLIT_SALT = 0x5EED  # decorrelates held-out splits from per-class subsampling with the same seed
 _SAMPLE_SALT = 0x5A3B
 _DEFAULT_CROP_PCT = 0.875  # eval: resize the short side to size / 0.875, then center-crop
+_DEFAULT_CROP_SCALE = 0.25  # train: RandomResizedCrop keeps at least this share of the area
 _WHITE = (255, 255, 255)
 
 Preset = Literal["default", "paper"]
@@ -544,24 +545,44 @@ def train_transform(
     preset: Preset = "default",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    *,
+    hflip: float = 0.5,
+    crop_scale: float | None = None,
 ) -> T.Compose:
     """The training transform: RGB conversion, augmentation, tensor, normalisation.
 
-    * ``"default"``: ``RandomResizedCrop(image_size, scale=(0.25, 1))`` + horizontal flip.
+    * ``"default"``: ``RandomResizedCrop(image_size, scale=(crop_scale, 1))`` (``crop_scale``
+      0.25 when ``None``) + horizontal flip.
     * ``"paper"`` (the reference protocol): ``Resize((r, r))`` with ``r = round(image_size *
-      256 / 224)`` + ``RandomCrop(image_size)`` + horizontal flip.
+      256 / 224)`` + ``RandomCrop(image_size)`` + horizontal flip; ``crop_scale`` must be ``None``.
 
-    Then ``ToTensor`` and ``Normalize(mean, std)``. Every step is a picklable class (no lambdas),
-    so DataLoader workers can use it.
+    The flip happens with probability ``hflip``; 0 leaves it out (digits, text: data whose
+    mirror image is another thing). Then ``ToTensor`` and ``Normalize(mean, std)``. Every step is
+    a picklable class (no lambdas), so DataLoader workers can use it.
     """
     _check_transform_args(image_size, preset, mean, std)
+    if not 0.0 <= hflip <= 1.0:
+        raise UserError(f"hflip is a probability in [0, 1], got {hflip!r}; 0 turns flips off.")
+    if crop_scale is not None and preset == "paper":
+        raise UserError(
+            "crop_scale belongs to the default preset's RandomResizedCrop; the paper preset "
+            "crops a fixed size. Drop --crop-scale or use --preset default."
+        )
+    if crop_scale is not None and not 0.0 < crop_scale <= 1.0:
+        raise UserError(
+            f"crop_scale is the smallest area fraction a crop keeps, in (0, 1], got "
+            f"{crop_scale!r}; e.g. --crop-scale 0.5."
+        )
     steps: list[Any] = [_ToRGB()]
     if preset == "paper":
         side = _paper_resize(image_size)
         steps += [T.Resize((side, side)), T.RandomCrop(image_size)]
     else:
-        steps += [T.RandomResizedCrop(image_size, scale=(0.25, 1.0))]
-    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(list(mean), list(std))]
+        smallest = _DEFAULT_CROP_SCALE if crop_scale is None else crop_scale
+        steps += [T.RandomResizedCrop(image_size, scale=(smallest, 1.0))]
+    if hflip > 0:
+        steps += [T.RandomHorizontalFlip(hflip)]
+    steps += [T.ToTensor(), T.Normalize(list(mean), list(std))]
     return T.Compose(steps)
 
 
@@ -778,6 +799,8 @@ def build_datasets(
     *,
     image_size: int = 224,
     preset: Preset = "default",
+    hflip: float = 0.5,
+    crop_scale: float | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     per_class: int | None = None,
@@ -802,8 +825,8 @@ def build_datasets(
        as validation (:func:`stratified_split`, seeded with ``seed``). When the source has its own
        validation split (``DIR/val``, Flowers102, DTD), that split is used and ``val_split`` is
        ignored with a warning.
-    4. Training images get :func:`train_transform`, validation and test images
-       :func:`eval_transform`.
+    4. Training images get :func:`train_transform` (with ``hflip`` and ``crop_scale``),
+       validation and test images :func:`eval_transform`.
 
     Returns:
         The splits; ``val`` and ``test`` are ``None`` when the source has none.
@@ -818,7 +841,7 @@ def build_datasets(
         raise UserError(
             f"val_split must be in [0, 1), got {val_split!r}; e.g. --val-split 0.2 (0 disables it)."
         )
-    train_tf = train_transform(image_size, preset, mean, std)
+    train_tf = train_transform(image_size, preset, mean, std, hflip=hflip, crop_scale=crop_scale)
     eval_tf = eval_transform(image_size, preset, mean, std)
     if data.startswith("tv:"):
         root = Path(data_root or DEFAULT_DATA_ROOT).expanduser()

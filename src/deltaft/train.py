@@ -115,6 +115,8 @@ def _build_data(cfg: TrainConfig, info: ModelInfo, image_size: int) -> DataSplit
         cfg.data,
         image_size=image_size,
         preset=cfg.preset,
+        hflip=cfg.hflip,
+        crop_scale=cfg.crop_scale,
         mean=info.mean,
         std=info.std,
         per_class=cfg.per_class,
