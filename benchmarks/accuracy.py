@@ -8,6 +8,7 @@ training-set size and writes OUT/accuracy.md, OUT/accuracy.json and OUT/accuracy
 Finished runs are reused (as `deltaft compare` does), so an interrupted benchmark continues.
 
     python benchmarks/accuracy.py --per-class 10,20,50 --seeds 3 --out runs/bench-accuracy
+    python benchmarks/accuracy.py --jobs 2 --out runs/bench-accuracy  # 2 CPU cores, ~30 min
 
 Several processes may fill in one OUT at once (say one per size and seed, on a GPU); a last run
 over all of them then only reads the finished runs and writes the tables and the plot.
@@ -35,7 +36,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def measure(
-    per_class: int, seeds: list[int], out: Path, fm_alpha: float, cache_dir: str
+    per_class: int, seeds: list[int], out: Path, fm_alpha: float, cache_dir: str, jobs: int = 1
 ) -> CompareResult:
     """One comparison of every method (fm with its own alpha) at ``per_class`` images a class."""
     folder = out / f"per-class-{per_class}"
@@ -45,6 +46,7 @@ def measure(
         methods=METHODS,
         cache_dir=cache_dir,
         overrides={"per_class": per_class},
+        jobs=jobs,
     )
     fm = run_demo(
         folder / "fm",
@@ -52,6 +54,7 @@ def measure(
         methods=["fm"],
         cache_dir=cache_dir,
         overrides={"per_class": per_class, "alpha": fm_alpha},
+        jobs=jobs,
     )
     rows = [*main.rows[:2], *fm.rows, *main.rows[2:]]  # l2, l2sp, fm, delta, scratch
     result = CompareResult(rows=rows, seeds=main.seeds, out=folder)
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--fm-alpha", type=float, default=0.0003)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     parser.add_argument("--cache-dir", default="~/.cache/deltaft")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (the demo's --jobs)")
     parser.add_argument(
         "--replot",
         type=Path,
@@ -133,7 +137,9 @@ def main() -> None:
     )
     results: dict[int, CompareResult] = {}
     for per_class in args.per_class:
-        results[per_class] = measure(per_class, args.seeds, args.out, args.fm_alpha, args.cache_dir)
+        results[per_class] = measure(
+            per_class, args.seeds, args.out, args.fm_alpha, args.cache_dir, args.jobs
+        )
         print(f"\n## {per_class} training images per class\n")
         print(results[per_class].table_markdown())
     args.out.mkdir(parents=True, exist_ok=True)
