@@ -58,6 +58,11 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
         UNFUSED: {"method": "l2sp"},
         "fm": {"method": "fm"},
         "delta": {"method": "delta", "attention": "uniform"},
+        "delta (packed source, --source-mkldnn)": {
+            "method": "delta",
+            "attention": "uniform",
+            "source_mkldnn": True,
+        },
         "delta (source in input layout)": {
             "method": "delta",
             "attention": "uniform",

@@ -117,7 +117,8 @@ def test_train_delta(delta_run: Path, folder: Path) -> None:
 def test_train_baselines(
     method: str, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    extra = ["--workers", "1"] if method == "fm" else []  # one run with a worker process
+    # one run with a worker process and the oneDNN-packed source
+    extra = ["--workers", "1", "--source-mkldnn"] if method == "fm" else []
     code, out, err = run_main(
         capsys, *_train_args(folder, tmp_path / method, "--method", method, *extra)
     )
@@ -126,6 +127,7 @@ def test_train_baselines(
     assert f"Skipping unreadable image {folder / CORRUPT}" in err
     assert "epoch 2/2 step 3/3" in err  # plain progress lines: stderr is not a terminal
     _check_run(tmp_path / method, method)
+    assert load_config(tmp_path / method / "config.yaml")["source_mkldnn"] is (method == "fm")
 
 
 def test_iterations_adamw_and_no_validation_split(

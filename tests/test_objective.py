@@ -188,6 +188,78 @@ def test_channels_last_source_gives_the_same_loss_and_gradients(batch) -> None: 
         assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _train_steps(
+    objective: TransferObjective, batch, steps: int = 3
+) -> list[dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
+    optimizer = torch.optim.SGD(objective.param_groups(lr=0.05), lr=0.05, momentum=0.9)
+    outs = []
+    for _ in range(steps):
+        out = objective(*batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        outs.append({k: v.detach() for k, v in out.items()})
+    return outs
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_packed_source_gives_the_same_training(batch) -> None:  # type: ignore[no-untyped-def]
+    packed = _objective("delta", source_mkldnn=True).train()
+    plain = _objective("delta").train()
+    a, b = _train_steps(packed, batch), _train_steps(plain, batch)
+    assert isinstance(packed._packed[0], nn.Module)  # the oneDNN copy ran steps 2 and 3
+    assert plain._packed[0] is None
+    assert not any("_packed" in key for key in packed.state_dict())  # no submodule, no state
+    for step_a, step_b in zip(a, b, strict=True):
+        for key in ("loss", "reg/delta", "task_loss"):
+            assert_close(step_a[key], step_b[key], rtol=1e-4, atol=1e-6)
+    for (name, p), q in zip(packed.model.named_parameters(), plain.model.parameters(), strict=True):
+        assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_source_falls_back_where_onednn_cannot_run_it(
+    batch,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    class Relu6Net(TinyNet):  # ReLU6 (hardtanh) has no oneDNN-tensor kernel, as in MobileNetV2
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(nn.functional.relu6(x))
+
+    torch.manual_seed(0)
+    source = Relu6Net(num_classes=5).eval()
+    model = copy.deepcopy(source)
+    model.fc = nn.Linear(16, 4)
+    fast = TransferObjective(model, source, "fm", layers=LAYERS, source_mkldnn=True).train()
+    slow = TransferObjective(model, source, "fm", layers=LAYERS).train()
+    with caplog.at_level("INFO", logger="deltaft.objective"):
+        for _ in range(2):
+            assert torch.equal(fast(*batch)["reg/fm"], slow(*batch)["reg/fm"])
+    assert fast._packed[0] is False
+    if torch.backends.mkldnn.is_available():
+        assert "Plain frozen source: torch cannot run it with oneDNN" in caplog.text
+
+
+def test_packed_source_is_dropped_when_its_maps_differ(
+    batch,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    objective = _objective("delta", source_mkldnn=True).train()
+    plain = _objective("delta").train()
+    packed_maps = TransferObjective._packed_source_maps
+    monkeypatch.setattr(
+        TransferObjective,
+        "_packed_source_maps",
+        lambda self, packed, x: {k: v + 0.1 for k, v in packed_maps(self, packed, x).items()},
+    )
+    with caplog.at_level("INFO", logger="deltaft.objective"):
+        for _ in range(2):
+            assert torch.equal(objective(*batch)["reg/delta"], plain(*batch)["reg/delta"])
+    assert objective._packed[0] is False
+    if torch.backends.mkldnn.is_available():
+        assert "its oneDNN copy differs at 'conv1'" in caplog.text
+
+
 def test_fold_batchnorm_falls_back_on_untraceable(batch) -> None:  # type: ignore[no-untyped-def]
     from deltaft._fuse import fold_batchnorm
 

@@ -491,6 +491,7 @@ class _Training:
             head=self.head,
             reduction=cfg.reduction,
             source_bn=cfg.source_bn,
+            source_mkldnn=cfg.source_mkldnn,
             weight_decay=cfg.weight_decay,
             input_size=self.image_size,
         ).to(self.device)
