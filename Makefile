@@ -38,7 +38,7 @@ test-fast: lint
 
 # Ratios measured side by side; results and machines are recorded in benchmarks/README.md.
 # Questions 1-3 of benchmarks/README.md; each table is printed and kept in runs/bench/.
-# Question 4 (accuracy, about an hour on 2 cores) runs on its own: python benchmarks/accuracy.py
+# Question 4 (accuracy, about 22 minutes on 2 cores) runs on its own: python benchmarks/accuracy.py --jobs 2
 bench: $(STAMP)
 	mkdir -p runs/bench
 	set -o pipefail; $(BIN)/python -m benchmarks.step_overhead | tee runs/bench/step_overhead.md
