@@ -217,6 +217,19 @@ def test_packed_source_gives_the_same_training(batch) -> None:  # type: ignore[n
         assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _assert_plain_source(  # type: ignore[no-untyped-def]
+    fast: TransferObjective, plain: TransferObjective, batch, caplog, reason: str
+) -> None:
+    """``fast`` (source_mkldnn=True) gave up its packed copy and computes what ``plain`` does."""
+    key = "reg/" + fast.method
+    with caplog.at_level("INFO", logger="deltaft.objective"):
+        for _ in range(2):
+            assert torch.equal(fast(*batch)[key], plain(*batch)[key])
+    assert fast._packed[0] is False
+    if torch.backends.mkldnn.is_available():
+        assert f"Plain frozen source: {reason}" in caplog.text
+
+
 def test_packed_source_falls_back_where_onednn_cannot_run_it(
     batch,
     caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
@@ -231,12 +244,7 @@ def test_packed_source_falls_back_where_onednn_cannot_run_it(
     model.fc = nn.Linear(16, 4)
     fast = TransferObjective(model, source, "fm", layers=LAYERS, source_mkldnn=True).train()
     slow = TransferObjective(model, source, "fm", layers=LAYERS).train()
-    with caplog.at_level("INFO", logger="deltaft.objective"):
-        for _ in range(2):
-            assert torch.equal(fast(*batch)["reg/fm"], slow(*batch)["reg/fm"])
-    assert fast._packed[0] is False
-    if torch.backends.mkldnn.is_available():
-        assert "Plain frozen source: torch cannot run it with oneDNN" in caplog.text
+    _assert_plain_source(fast, slow, batch, caplog, "torch cannot run it with oneDNN")
 
 
 def test_packed_source_is_dropped_when_its_maps_differ(
@@ -252,12 +260,7 @@ def test_packed_source_is_dropped_when_its_maps_differ(
         "_packed_source_maps",
         lambda self, packed, x: {k: v + 0.1 for k, v in packed_maps(self, packed, x).items()},
     )
-    with caplog.at_level("INFO", logger="deltaft.objective"):
-        for _ in range(2):
-            assert torch.equal(objective(*batch)["reg/delta"], plain(*batch)["reg/delta"])
-    assert objective._packed[0] is False
-    if torch.backends.mkldnn.is_available():
-        assert "its oneDNN copy differs at 'conv1'" in caplog.text
+    _assert_plain_source(objective, plain, batch, caplog, "its oneDNN copy differs at 'conv1'")
 
 
 def test_fold_batchnorm_falls_back_on_untraceable(batch) -> None:  # type: ignore[no-untyped-def]
