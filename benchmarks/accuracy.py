@@ -8,7 +8,7 @@ training-set size and writes OUT/accuracy.md, OUT/accuracy.json and OUT/accuracy
 Finished runs are reused (as `deltaft compare` does), so an interrupted benchmark continues.
 
     python benchmarks/accuracy.py --per-class 10,20,50 --seeds 3 --out runs/bench-accuracy
-    python benchmarks/accuracy.py --jobs 2 --out runs/bench-accuracy  # 2 CPU cores, ~30 min
+    python benchmarks/accuracy.py --jobs 2 --out runs/bench-accuracy  # 2 CPU cores, ~22 min
 
 Several processes may fill in one OUT at once (say one per size and seed, on a GPU); a last run
 over all of them then only reads the finished runs and writes the tables and the plot.
