@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from deltaft.compare import CompareResult, parse_seeds
-from deltaft.demo import run_demo
-from deltaft.errors import argparse_type
+from deltaft.app.compare import CompareResult, parse_seeds
+from deltaft.app.demo import run_demo
+from deltaft.app.errors import argparse_type
 
 METHODS = ["l2", "l2sp", "delta", "scratch"]
 

@@ -1,12 +1,12 @@
 """The validation sweeps that chose the demo's settings (benchmarks/README.md, section 5).
 
-The demo's 3000-image pool (never its 2000 test images) is split into fit/val halves with seeds
-1, 2 and 3 (`deltaft.data.stratified_split`); every setting of `GRID` trains on 20 images a class
+The demo's 3000-image pool (never its 2000 test images) is split into fit/val halves with seeds 1,
+2 and 3 (`deltaft.app.data.stratified_split`); every setting of `GRID` trains on 20 images a class
 of each fit half with seeds 0, 1, ... and is scored on the val half (last epoch). Jobs are ordered
 seed by seed, so that a time budget that runs out leaves every setting with the same runs. Results
 go to OUT/results.jsonl (appended: an interrupted sweep keeps what it finished) and a table ranked
-per method, with the paired difference to the best `l2`, is printed at the end. On one H100 with
-14 processes: about a run a second.
+per method, with the paired difference to the best `l2`, is printed at the end. On one H100 with 14
+processes: about a run a second.
 
     python benchmarks/demo_sweep.py --workers 14 --budget 470 --out runs/demo-sweep
     python benchmarks/demo_sweep.py --table benchmarks/results/demo-sweep-h100.jsonl
@@ -53,8 +53,8 @@ GRID: list[tuple[str, dict[str, float]]] = [
 
 def write_splits(root: Path) -> None:
     """``root/s<k>/{train,test}``: the fit and val halves of the demo's pool for each split."""
-    from deltaft.data import stratified_split, write_image_folder
-    from deltaft.demo import load_mnist5k, split_mnist5k
+    from deltaft.app.data import stratified_split, write_image_folder
+    from deltaft.app.demo import load_mnist5k, split_mnist5k
 
     images, labels = load_mnist5k()
     pool, _ = split_mnist5k(labels)
@@ -82,8 +82,8 @@ def _init() -> None:
 def _run(job: dict[str, Any]) -> dict[str, Any] | None:
     if time.time() > job["deadline"]:
         return None
-    from deltaft.config import TrainConfig
-    from deltaft.train import run_training
+    from deltaft.app.config import TrainConfig
+    from deltaft.app.train import run_training
 
     out = Path(job["scratch"]) / f"{job['method']}-{job['key']}-s{job['split']}-{job['seed']}"
     shutil.rmtree(out, ignore_errors=True)

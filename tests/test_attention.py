@@ -643,7 +643,7 @@ def test_save_overwrites_and_cleans_up_on_failure(
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(attention_module, "save_file", broken)
+    monkeypatch.setattr(attention_module, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         make_attention("3333333333333333").save(path)
     assert os.listdir(tmp_path) == ["a.safetensors"]

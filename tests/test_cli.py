@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deltaft.app.config import TrainConfig, load_config
+from deltaft.app.models import build_model
+from deltaft.app.train import _build_data
 from deltaft.cli import ProgressPrinter, main
-from deltaft.config import TrainConfig, load_config
 from deltaft.engine import Progress
-from deltaft.models import build_model
-from deltaft.train import _build_data
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     CLASSES,
     MODEL,

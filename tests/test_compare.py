@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from deltaft.compare import CompareResult, parse_methods, parse_seeds, run_compare
-from deltaft.config import TrainConfig
-from deltaft.errors import UserError
+from deltaft.app.compare import CompareResult, parse_methods, parse_seeds, run_compare
+from deltaft.app.config import TrainConfig
+from deltaft.app.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -85,7 +85,7 @@ class _FakeTraining:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> _FakeTraining:
     fake = _FakeTraining()
-    monkeypatch.setattr("deltaft.train.run_training", fake)
+    monkeypatch.setattr("deltaft.app.train.run_training", fake)
     return fake
 
 
@@ -138,7 +138,7 @@ def test_single_seed_has_zero_std(fake: _FakeTraining, tmp_path: Path) -> None:
 
 
 def test_falls_back_to_val_and_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("deltaft.train.run_training", _FakeTraining(test_split=False))
+    monkeypatch.setattr("deltaft.app.train.run_training", _FakeTraining(test_split=False))
     result = _compare(tmp_path, "l2", 2)
     table = result.table_markdown()
     assert "| l2 | 71.00 ± 1.41 | 2 | 10.5 |" in table  # val = test - 10 points: 70, 72
@@ -178,7 +178,7 @@ def test_resume_reuses_finished_runs(
     _compare(tmp_path, "l2,delta", 2)
     assert len(fake.calls) == 4
     fake.calls.clear()
-    with caplog.at_level(logging.INFO, logger="deltaft.compare"):
+    with caplog.at_level(logging.INFO, logger="deltaft.app.compare"):
         result = _compare(tmp_path, "l2,delta,scratch", 3)  # one more method, one more seed
     assert [(c.method, c.weights, c.seed) for c in fake.calls] == [
         ("l2", "imagenet", 2),
@@ -197,14 +197,14 @@ def test_resume_reuses_finished_runs(
 
 
 def test_interrupted_compare_continues(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("deltaft.train.run_training", _FakeTraining(fail_at=3))
+    monkeypatch.setattr("deltaft.app.train.run_training", _FakeTraining(fail_at=3))
     with pytest.raises(KeyboardInterrupt):  # l2 seeds 0-2 finish, delta seed 0 is interrupted
         _compare(tmp_path, "l2,delta", 3)
     assert not (tmp_path / "compare.json").exists()
     assert (tmp_path / "delta-seed0" / "config.yaml").exists()
     assert not (tmp_path / "delta-seed0" / "summary.json").exists()
     fake = _FakeTraining()
-    monkeypatch.setattr("deltaft.train.run_training", fake)
+    monkeypatch.setattr("deltaft.app.train.run_training", fake)
     result = _compare(tmp_path, "l2,delta", 3)
     calls = [(c.method, c.seed, c.resume) for c in fake.calls]
     assert calls == [("delta", 0, True), ("delta", 1, False), ("delta", 2, False)]
@@ -230,7 +230,7 @@ def test_run_without_any_accuracy_is_an_error(
     def no_eval(cfg: TrainConfig, *, progress: Any = None) -> dict[str, Any]:
         return {"test_accuracy": None, "val_accuracy": None, "seconds": 1.0}
 
-    monkeypatch.setattr("deltaft.train.run_training", no_eval)
+    monkeypatch.setattr("deltaft.app.train.run_training", no_eval)
     with pytest.raises(UserError, match="neither a test nor a validation accuracy.*--val-split"):
         _compare(tmp_path, "l2", 1)
 
@@ -282,7 +282,7 @@ def test_refuses_to_reuse_a_run_with_other_settings(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config_in_summary: bool
 ) -> None:
     fake = _FakeTraining(config_in_summary=config_in_summary)  # else from config.yaml
-    monkeypatch.setattr("deltaft.train.run_training", fake)
+    monkeypatch.setattr("deltaft.app.train.run_training", fake)
     _compare(tmp_path, "l2", 1, base=_base(lr=0.01))
     _compare(tmp_path, "l2", 1, base=_base(lr=0.01, workers=0, device="cpu"))  # runtime only
     assert len(fake.calls) == 1

@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from deltaft.config import DEFAULT_EPOCHS, TrainConfig, load_config
-from deltaft.errors import UserError
+from deltaft.app.config import DEFAULT_EPOCHS, TrainConfig, load_config
+from deltaft.app.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"data": "imgs", "model": "resnet18", "out": "runs/x"}

@@ -17,8 +17,8 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from deltaft import data as D
-from deltaft.data import (
+from deltaft.app import data as D
+from deltaft.app.data import (
     DataSplits,
     ImageFolder,
     build_datasets,
@@ -28,7 +28,7 @@ from deltaft.data import (
     train_transform,
     write_image_folder,
 )
-from deltaft.errors import UserError
+from deltaft.app.errors import UserError
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 
@@ -157,7 +157,7 @@ def test_unreadable_file_is_skipped_with_one_warning(
     folder = ImageFolder(tmp_path)
     assert len(folder) == 4  # nothing is decoded at init
 
-    with caplog.at_level(logging.WARNING, logger="deltaft.data"):
+    with caplog.at_level(logging.WARNING, logger="deltaft.app.data"):
         first = [folder[i][1] for i in range(len(folder))]
         second = [folder[i][1] for i in range(len(folder))]
 
@@ -258,7 +258,7 @@ def test_stratified_indices_fraction_keeps_at_least_one() -> None:
 
 def test_stratified_indices_short_class_warns(caplog: pytest.LogCaptureFixture) -> None:
     targets = [0] * 5 + [1] * 2
-    with caplog.at_level(logging.WARNING, logger="deltaft.data"):
+    with caplog.at_level(logging.WARNING, logger="deltaft.app.data"):
         kept = stratified_indices(targets, per_class=3, seed=0)
     assert Counter(targets[i] for i in kept) == {0: 3, 1: 2}
     assert "1 of 2 classes have fewer images" in caplog.text
@@ -366,7 +366,7 @@ def test_split_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     _folder(tmp_path / "train", {"a": 4, "b": 4})
     _folder(tmp_path / "val", {"a": 1, "b": 1})
     _folder(tmp_path / "test", {"a": 2, "b": 2})
-    with caplog.at_level(logging.WARNING, logger="deltaft.data"):
+    with caplog.at_level(logging.WARNING, logger="deltaft.app.data"):
         splits = build_datasets(str(tmp_path), image_size=8, val_split=0.5)
     assert "val_split=0.5 ignored" in caplog.text
     assert splits.classes == ["a", "b"] and splits.num_classes == 2

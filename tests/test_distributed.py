@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from deltaft import distributed
-from deltaft.distributed import DistInfo, ShardSampler
+from deltaft.app import distributed
+from deltaft.app.distributed import DistInfo, ShardSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 

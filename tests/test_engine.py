@@ -15,15 +15,15 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from deltaft import TransferObjective
-from deltaft.engine import NonFiniteLossError, Progress, evaluate, train_one_epoch
-from deltaft.errors import UserError
-from deltaft.tracking import (
+from deltaft.app.errors import UserError
+from deltaft.app.tracking import (
     RunDir,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
+from deltaft.engine import NonFiniteLossError, Progress, evaluate, train_one_epoch
 from tests.conftest import TinyNet
 
 CPU = torch.device("cpu")

@@ -46,8 +46,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from deltaft import tracking
-from deltaft.data import ImageFolder
+from deltaft import _utils
+from deltaft.app import tracking
+from deltaft.app.data import ImageFolder
 from deltaft.objective import TransferObjective
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     CLASSES,
@@ -785,7 +786,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), name  # every write: ENOSPC
 
-    monkeypatch.setattr(tracking.tempfile, "mkstemp", failing_mkstemp)
+    monkeypatch.setattr(_utils.tempfile, "mkstemp", failing_mkstemp)
     code, stdout, err = run_main(capsys, *_train_argv(data, out))
     assert code == 1 and stdout == ""
     [line] = _error_lines(err)
@@ -799,7 +800,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
     assert not list(out.rglob("*.tmp"))
     assert [row["epoch"] for row in _metrics(out)] == [1]
 
-    monkeypatch.setattr(tracking.tempfile, "mkstemp", real_mkstemp)  # space freed
+    monkeypatch.setattr(_utils.tempfile, "mkstemp", real_mkstemp)  # space freed
     code, _, err = run_main(capsys, *_train_argv(data, out), "--resume")
     assert code == 0, err
     _assert_same_run(out, reference)

@@ -6,7 +6,8 @@ import torchvision
 from torch import nn
 
 from deltaft import FeatureExtractor, default_layers, find_head, replace_head, validate_layers
-from deltaft.heads import get_submodule, head_parameter_names, set_submodule
+from deltaft._utils import get_submodule, set_submodule
+from deltaft.heads import head_parameter_names
 from deltaft.layers import describe_layers
 
 TV = torchvision.models

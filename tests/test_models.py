@@ -15,9 +15,9 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from deltaft import models as M
-from deltaft.errors import UserError
-from deltaft.models import build_model, offline_weight_file, read_state_dict
+from deltaft.app import models as M
+from deltaft.app.errors import UserError
+from deltaft.app.models import build_model, offline_weight_file, read_state_dict
 
 TV = torchvision.models
 
@@ -233,7 +233,7 @@ def test_other_head_size_loads_everything_but_the_head(
     state = _random_state(num_classes=10)
     path = tmp_path / "other_task.pth"
     torch.save(state, path)
-    with caplog.at_level(logging.INFO, logger="deltaft.models"):
+    with caplog.at_level(logging.INFO, logger="deltaft.app.models"):
         model, _ = build_model(TINY, weights=str(path), num_classes=4)
     assert "loading everything but the head" in caplog.text
     assert model.fc.out_features == 4

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltaft.plots import plot_attention, plot_compare, plot_curves
+from deltaft.app.plots import plot_attention, plot_compare, plot_curves
 
 pytest.importorskip("matplotlib")
 
@@ -80,7 +80,7 @@ def test_plot_curves_is_robust_to_missing_keys(tmp_path: Path, metrics: list[dic
 
 
 def test_curve_panels_group_train_and_val_by_part() -> None:
-    from deltaft.plots import _curve_panels
+    from deltaft.app.plots import _curve_panels
 
     panels = _curve_panels(METRICS)
     assert panels == {
@@ -136,7 +136,7 @@ def test_missing_matplotlib_warns_and_returns_none(
     # A None entry in sys.modules makes `import` raise ImportError, as if it were not installed.
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
-    with caplog.at_level(logging.WARNING, logger="deltaft.plots"):
+    with caplog.at_level(logging.WARNING, logger="deltaft.app.plots"):
         assert plot(*args, tmp_path / "figure.png") is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1

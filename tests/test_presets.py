@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torchvision
 
+from deltaft.app.config import load_config
 from deltaft.attention import ChannelAttention
-from deltaft.config import load_config
 from deltaft.layers import default_layers
 from tests.cli_support import one_thread, restore_logging, run_main  # noqa: F401 (autouse fixtures)
 

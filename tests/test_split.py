@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deltaft import split as S
-from deltaft.data import ImageFolder, build_datasets
-from deltaft.errors import UserError
-from deltaft.split import SplitResult, split_per_class
+from deltaft.app import split as S
+from deltaft.app.data import ImageFolder, build_datasets
+from deltaft.app.errors import UserError
+from deltaft.app.split import SplitResult, split_per_class
 from tests.cli_support import one_thread, restore_logging, run_main  # noqa: F401 (autouse fixtures)
 
 COUNTS = {"001.ak47": 7, "002.bat": 6, "003.cake": 8, "257.clutter": 5}

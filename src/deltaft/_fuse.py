@@ -16,22 +16,13 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from deltaft._utils import LeafTracer
+
 logger = logging.getLogger(__name__)
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: Collection[str]) -> None:
-        super().__init__()
-        self.leaves = set(leaves)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(
-            m, module_qualified_name
-        )
-
-
 def _fold(module: nn.Module, protected: Collection[str]) -> nn.Module:
-    graph = _Tracer(protected).trace(module)
+    graph = LeafTracer(module.get_submodule(name) for name in protected).trace(module)
     gm = fx.GraphModule(module, graph)
     modules = dict(gm.named_modules())
     folded = 0

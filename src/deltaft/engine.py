@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from deltaft.heads import logits_of as _logits
+from deltaft._utils import logits_of as _logits
 
 __all__ = [
     "Amp",

@@ -7,58 +7,11 @@ by dotted module name and swap it for a freshly initialised ``nn.Linear``.
 
 from __future__ import annotations
 
-import difflib
-from typing import Any
+from torch import nn
 
-from torch import Tensor, nn
+from deltaft._utils import get_submodule, set_submodule
 
-__all__ = [
-    "find_head",
-    "get_submodule",
-    "head_parameter_names",
-    "logits_of",
-    "replace_head",
-    "set_submodule",
-]
-
-
-def logits_of(output: Any) -> Tensor:
-    """The main logits of a classifier's output: a tensor, ``output.logits`` or ``output[0]``.
-
-    Inception-V3 in train mode returns ``(logits, aux_logits)``; its main logits are used.
-    """
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise ValueError(
-        f"Expected the model to return logits as a Tensor, a tuple whose first element is the "
-        f"logits, or an object with a .logits Tensor; got {type(output).__name__}."
-    )
-
-
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    """Return ``model``'s submodule ``name``, or raise a ``ValueError`` listing close matches."""
-    modules = dict(model.named_modules())
-    if name in modules:
-        return modules[name]
-    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
-    hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise ValueError(
-        f"Module {name!r} not found in {type(model).__name__}{hint}. "
-        "Run `deltaft layers --model NAME` to list the module names."
-    )
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace ``model``'s submodule ``name`` (dotted path) with ``module``."""
-    get_submodule(model, name)  # validates the name with a helpful error
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+__all__ = ["find_head", "head_parameter_names", "replace_head"]
 
 
 def find_head(model: nn.Module, head: str | None = None) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from deltaft.heads import get_submodule
+from deltaft._utils import get_submodule
 
 __all__ = ["FeatureExtractor", "StopForward"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltaft.heads import get_submodule
+from deltaft._utils import get_submodule
 
 __all__ = ["LayerInfo", "default_layers", "describe_layers", "validate_layers"]
 

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from deltaft._fuse import fold_batchnorm
+from deltaft._utils import logits_of as _logits
 from deltaft.heads import find_head, head_parameter_names
-from deltaft.heads import logits_of as _logits
 from deltaft.hooks import FeatureExtractor
 from deltaft.layers import default_layers
 from deltaft.regularizers import functional as RF

@@ -23,15 +23,15 @@ import json
 import logging
 import os
 import random
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from deltaft.errors import UserError
+from deltaft._utils import atomic_write, first_line
+from deltaft.app.errors import UserError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -48,64 +48,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "deltaft.checkpoint/1"
 _RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX; a no-op where directories can't be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _os_error(error: BaseException) -> OSError | None:
-    """``error`` or the OSError behind it (``torch.save`` turns a failed write into a
-    RuntimeError whose context is the OSError)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, rename it to ``path``.
-
-    Parent folders are created. On any error the temporary file is removed and ``path`` is left
-    as it was.
-
-    Raises:
-        OSError: the file could not be written (disk full, read-only folder...); the message
-            names ``path`` and says that it is unchanged.
-    """
-    path = Path(path)
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        cause = _os_error(error)
-        if cause is None:
-            raise
-        state = "is unchanged" if path.exists() else "was not created"
-        raise OSError(
-            cause.errno, f"Could not write {path} ({cause.strerror or cause}); {path.name} {state}"
-        ) from error
-    _fsync_dir(path.parent)
-    return path
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
@@ -142,8 +84,7 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors have no common base class
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({first}).") from None
+        raise UserError(f"{path} is not a readable checkpoint ({first_line(error)}).") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
             f"{path} is not a deltaft checkpoint (format "

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from deltaft.errors import UserError, argparse_type
+from deltaft.app.errors import UserError, argparse_type
+from deltaft.app.plots import plot_compare
+from deltaft.app.tracking import RunDir
 from deltaft.objective import METHODS
-from deltaft.plots import plot_compare
-from deltaft.tracking import RunDir
 
 if TYPE_CHECKING:
-    from deltaft.config import TrainConfig
+    from deltaft.app.config import TrainConfig
     from deltaft.engine import ProgressFn
 
 __all__ = [
@@ -347,7 +347,7 @@ def _check_reusable(summary: Mapping[str, Any], cfg: TrainConfig, run_dir: Path)
 
     The summary's method and seed must match, and so must every setting of the run's stored
     configuration (the summary's ``config``, else ``config.yaml``), runtime settings such as
-    ``device`` or ``workers`` aside (:data:`deltaft.config.RUNTIME_KEYS`).
+    ``device`` or ``workers`` aside (:data:`deltaft.app.config.RUNTIME_KEYS`).
     """
     for key in ("method", "seed"):
         want, got = getattr(cfg, key), summary.get(key)
@@ -424,7 +424,7 @@ def _job_init(threads: int, level: int) -> None:
 
 
 def _job_train(job: tuple[int, TrainConfig]) -> tuple[int, dict[str, Any]]:
-    from deltaft.train import run_training
+    from deltaft.app.train import run_training
 
     index, cfg = job
     return index, run_training(cfg)
@@ -479,7 +479,8 @@ def run_compare(
 ) -> CompareResult:
     """Train every method with every seed on the same data and tabulate the accuracies.
 
-    Run ``(m, s)`` is :func:`deltaft.train.run_training` of ``base`` with method ``m``, seed ``s``
+    Run ``(m, s)`` is :func:`deltaft.app.train.run_training` of ``base`` with method ``m``,
+    seed ``s``
     and output folder ``out / f"{m}-seed{s}"``; ``scratch`` is method ``l2`` with
     ``weights="none"``. Everything else (data, model, subsampling, schedule, alpha, beta...) comes
     from ``base``, so with the same seed every method sees the same data split and sample; ``delta``
@@ -501,7 +502,7 @@ def run_compare(
         methods: names from :data:`COMPARE_METHODS`, e.g. ``["l2", "l2sp", "delta"]``.
         seeds: the seeds, or a count ``N`` for seeds ``0 .. N-1``.
         out: the comparison folder.
-        progress: passed on to :func:`~deltaft.train.run_training` (``jobs=1`` only).
+        progress: passed on to :func:`~deltaft.app.train.run_training` (``jobs=1`` only).
         jobs: runs trained at once, each in its own process (``spawn``) with
             ``max(1, torch.get_num_threads() // jobs)`` torch threads, so that two jobs on two
             cores do not fight over them. A run gives the same result in a job as in-process
@@ -515,7 +516,7 @@ def run_compare(
         UserError: an unknown or repeated method, bad seeds or settings, or a finished run in
             ``out`` trained with another method, seed or settings.
     """
-    from deltaft.train import run_training
+    from deltaft.app.train import run_training
 
     methods = parse_methods(methods)
     seed_list = parse_seeds(seeds)

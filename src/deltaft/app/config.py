@@ -25,7 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 
-from deltaft.errors import UserError
+from deltaft.app.errors import UserError
 from deltaft.objective import Method
 
 __all__ = [
@@ -73,7 +73,7 @@ def flag_name(key: str) -> str:
 class TrainConfig:
     """Every setting of ``deltaft train``; each field is the flag of the same name.
 
-    Validated on construction (:class:`~deltaft.errors.UserError` names the flag and the fix).
+    Validated on construction (:class:`~deltaft.app.errors.UserError` names the flag and the fix).
     Values are coerced where YAML is ambiguous: ``"1e-4"`` (a string to YAML) becomes a float,
     ``"a,b"`` a list of layers.
 

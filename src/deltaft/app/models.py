@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
-from deltaft.errors import UserError
+from deltaft.app.errors import UserError
 from deltaft.heads import find_head, replace_head
 
 __all__ = [

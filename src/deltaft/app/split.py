@@ -2,7 +2,7 @@
 
 ``split_per_class("256_ObjectCategories", "data/caltech256-30", train_per_class=30,
 test_per_class=20, exclude=["257.clutter"])`` reads ``SRC/<class>/**`` (files found as
-:class:`deltaft.data.ImageFolder` finds them) and writes::
+:class:`deltaft.app.data.ImageFolder` finds them) and writes::
 
     DST/train/<class>/<file>    train_per_class images of every class
     DST/test/<class>/<file>     test_per_class other images of every class
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from deltaft.data import _class_folders, _scan_images
-from deltaft.errors import UserError
+from deltaft.app.data import _class_folders, _scan_images
+from deltaft.app.errors import UserError
 
 __all__ = ["MANIFEST", "Link", "SplitResult", "add_parser", "split_per_class"]
 

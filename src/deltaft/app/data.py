@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from deltaft.errors import UserError
+from deltaft.app.errors import UserError
 
 __all__ = [
     "DEFAULT_DATA_ROOT",

@@ -4,7 +4,7 @@
 global state on purpose, as a training script does: it seeds Python, NumPy and torch from
 ``cfg.seed`` (and again at the start of every epoch, from ``(seed, epoch)``), so that a run is
 reproducible and a resumed run continues exactly as the uninterrupted one would have. Call it
-from a script or from :mod:`deltaft.compare`; use :mod:`deltaft.engine` and
+from a script or from :mod:`deltaft.app.compare`; use :mod:`deltaft.engine` and
 :class:`~deltaft.objective.TransferObjective` directly to train inside your own loop.
 """
 
@@ -31,11 +31,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from deltaft import distributed
+from deltaft.app import distributed
+from deltaft.app.config import TrainConfig
+from deltaft.app.data import DataSplits, ImageFolder, build_datasets
+from deltaft.app.distributed import DistInfo, ShardSampler
+from deltaft.app.errors import UserError
+from deltaft.app.models import ModelInfo, build_model
+from deltaft.app.tracking import RunDir, capture_rng_state, restore_rng_state
 from deltaft.attention import ChannelAttention, estimate_channel_attention, model_fingerprint
-from deltaft.config import TrainConfig
-from deltaft.data import DataSplits, ImageFolder, build_datasets
-from deltaft.distributed import DistInfo, ShardSampler
 from deltaft.engine import (
     Amp,
     EpochState,
@@ -45,12 +48,9 @@ from deltaft.engine import (
     evaluate,
     train_one_epoch,
 )
-from deltaft.errors import UserError
 from deltaft.heads import replace_head
 from deltaft.layers import default_layers, validate_layers
-from deltaft.models import ModelInfo, build_model
 from deltaft.objective import TransferObjective
-from deltaft.tracking import RunDir, capture_rng_state, restore_rng_state
 
 __all__ = [
     "evaluate_checkpoint",
@@ -253,7 +253,7 @@ def _optimizer(cfg: TrainConfig, objective: TransferObjective) -> torch.optim.Op
 def _scheduler(
     cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedules; see :class:`~deltaft.config.TrainConfig` ``schedule``."""
+    """Per-step schedules; see :class:`~deltaft.app.config.TrainConfig` ``schedule``."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if cfg.schedule == "exponential":
@@ -324,7 +324,7 @@ def _epoch_line(epoch: int, epochs: int, row: Mapping[str, Any]) -> str:
 def _plot(rows: list[dict[str, Any]], attention: ChannelAttention | None, run: RunDir) -> None:
     """``curves.png`` and ``attention.png``; a failing figure never fails a finished run."""
     try:
-        from deltaft import plots
+        from deltaft.app import plots
     except ImportError:
         return
     try:
@@ -399,7 +399,7 @@ def run_training(
         cfg: the run's settings.
         progress: called after every training step (see :class:`~deltaft.engine.Progress`);
             only on rank 0 under ``torchrun``.
-        dist: the process group; default :func:`deltaft.distributed.current`.
+        dist: the process group; default :func:`deltaft.app.distributed.current`.
 
     Returns:
         The summary, as written to ``summary.json``: ``val_accuracy`` / ``test_accuracy``

@@ -16,27 +16,33 @@ replicas of the layer's output at once.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from deltaft.heads import get_submodule, replace_head
-from deltaft.heads import logits_of as _logits
+from deltaft._utils import (
+    LeafTracer,
+    atomic_write,
+    dtype_device,
+    eval_mode,
+    first_line,
+    get_submodule,
+)
+from deltaft._utils import logits_of as _logits
+from deltaft.heads import replace_head
 
 __all__ = [
     "ChannelAttention",
@@ -68,14 +74,6 @@ _RERUN_HINT = "re-run `deltaft attention` for this model, data and layers"
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------
-def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """dtype and device of ``model``'s first floating-point parameter or buffer."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype, tensor.device
-    return torch.get_default_dtype(), torch.device("cpu")
-
-
 def _take_batches(loader: Iterable[Any], n_batches: int) -> list[Batch]:
     """The first ``n_batches`` ``(x, y)`` pairs of ``loader`` (fewer if it runs out)."""
     _check_n_batches(n_batches)
@@ -126,18 +124,6 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Mod
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct, got {list(layers)}.")
     return {name: get_submodule(model, name) for name in layers}
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode and restore every submodule's own mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _probe_shapes(
@@ -288,17 +274,6 @@ class _Root(nn.Module):
         return self.model(x)
 
 
-class _LeafTracer(fx.Tracer):
-    """An fx tracer that keeps the given modules as single ``call_module`` nodes."""
-
-    def __init__(self, leaves: Iterable[nn.Module]) -> None:
-        super().__init__()
-        self._leaves = {id(module) for module in leaves}
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self._leaves or super().is_leaf_module(m, module_qualified_name)
-
-
 def _descendants(starts: Iterable[fx.Node]) -> set[fx.Node]:
     """``starts`` and every node that (transitively) uses one of them."""
     seen = set(starts)
@@ -362,7 +337,7 @@ class _GraphReplay:
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
         self.root = _Root(model)
-        graph = _LeafTracer(modules.values()).trace(self.root)
+        graph = LeafTracer(modules.values()).trace(self.root)
         self.nodes: list[fx.Node] = list(graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.output = next(n for n in self.nodes if n.op == "output")
@@ -481,14 +456,9 @@ def _trace(model: nn.Module, modules: Mapping[str, nn.Module]) -> _GraphReplay |
             "(still exact, but without reusing the computation upstream of each layer).",
             type(model).__name__,
             type(error).__name__,
-            _first_line(error),
+            first_line(error),
         )
         return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _default_chunk(channels: int, per_replica: int, device: torch.device) -> int:
@@ -580,7 +550,7 @@ def _exact_scores(
                         "(%s: %s); scoring it with batched full forwards instead.",
                         name,
                         type(error).__name__,
-                        _first_line(error),
+                        first_line(error),
                     )
                     del replay.plans[name]
             if deltas is None:
@@ -607,7 +577,7 @@ def _full_forward(
                 "instead.",
                 type(model).__name__,
                 type(error).__name__,
-                _first_line(error),
+                first_line(error),
             )
     return model(x), {}, None
 
@@ -731,9 +701,9 @@ def channel_removal_scores(
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}.")
     modules = _resolve_layers(model, layers)
     batches = _take_batches(loader, n_batches)
-    dtype, model_device = _dtype_device(model)
+    dtype, model_device = dtype_device(model)
     device = torch.device(device) if device is not None else model_device
-    with _eval_mode(model):
+    with eval_mode(model):
         with torch.inference_mode():
             shapes = _probe_shapes(model, batches[0][0].to(device), modules)
         if method == "taylor":
@@ -986,15 +956,7 @@ class ChannelAttention:
             "data_fingerprint": json.dumps(self.data_fingerprint),
             "method": json.dumps(self.method),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda handle: handle.write(save(tensors, metadata=metadata)))
 
     @classmethod
     def load(
@@ -1105,7 +1067,7 @@ def _train_head(
     # "adapt": the frozen backbone runs in train mode, so BatchNorm statistics follow the target
     # data (and dropout is active), as in the reference code. "frozen": eval mode throughout.
     model.train(bn == "adapt")
-    _, model_device = _dtype_device(model)
+    _, model_device = dtype_device(model)
     for epoch in range(epochs):
         total, count = torch.zeros((), device=model_device), 0
         for batch in loader:

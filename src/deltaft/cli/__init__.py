@@ -4,7 +4,7 @@
 This is the only module that configures logging, threads, devices and the process group. Printing
 to stdout happens here and in the ``_run`` function of each subcommand module (``compare``,
 ``demo``, ``split``); the library functions they call return values and log. User errors
-(:class:`~deltaft.errors.UserError` and the library's ``ValueError`` s) end with exit status 2
+(:class:`~deltaft.app.errors.UserError` and the library's ``ValueError`` s) end with exit status 2
 and one line on stderr, ``deltaft: error: ...``; a diverged training with status 1; ``--debug``
 shows the traceback instead.
 
@@ -31,12 +31,13 @@ from typing import Any, TextIO
 
 import torch
 
-from deltaft import __version__, distributed
-from deltaft.config import TrainConfig, load_config
+from deltaft import __version__
+from deltaft.app import distributed
+from deltaft.app.config import TrainConfig, load_config
+from deltaft.app.errors import UserError
+from deltaft.app.tracking import RunDir
 from deltaft.engine import NonFiniteLossError, Progress
-from deltaft.errors import UserError
 from deltaft.objective import METHODS
-from deltaft.tracking import RunDir
 
 __all__ = [
     "ProgressPrinter",
@@ -319,7 +320,7 @@ def _add_options(
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options shared by ``deltaft train`` and ``deltaft compare`` to ``parser``.
 
-    That is ``--config`` and every :class:`~deltaft.config.TrainConfig` setting except
+    That is ``--config`` and every :class:`~deltaft.app.config.TrainConfig` setting except
     ``--method``, ``--seed`` and ``--resume`` (``compare`` sets them per run), plus
     ``--log-every``. Options left out are absent from the parsed namespace, so that
     :func:`config_from_args` can tell them from defaults.
@@ -341,7 +342,7 @@ def add_log_every_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
-    """The :class:`~deltaft.config.TrainConfig` of parsed arguments.
+    """The :class:`~deltaft.app.config.TrainConfig` of parsed arguments.
 
     Sources, lowest precedence first: with ``--resume``, the run's own ``config.yaml``; the
     ``--config`` file; the flags given; ``overrides``.
@@ -447,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     layers.set_defaults(func=_cmd_layers)
 
     own = set(sub.choices)
-    from deltaft import compare as _compare
-    from deltaft import demo as _demo
-    from deltaft import split as _split
+    from deltaft.app import compare as _compare
+    from deltaft.app import demo as _demo
+    from deltaft.app import split as _split
 
     _compare.add_parser(sub)  # each sets its own func
     _demo.add_parser(sub)
@@ -468,7 +469,7 @@ def _percent(value: float | None) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from deltaft.train import run_training
+    from deltaft.app.train import run_training
 
     cfg = config_from_args(args)
     info = distributed.init_from_env(cfg.device)
@@ -495,7 +496,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
-    from deltaft.train import run_attention
+    from deltaft.app.train import run_attention
 
     cfg = config_from_args(args, method="delta")
     attention = run_attention(cfg, cfg.out)
@@ -508,7 +509,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from deltaft.train import evaluate_checkpoint
+    from deltaft.app.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.run,
@@ -527,8 +528,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
+    from deltaft.app.models import build_model
     from deltaft.layers import default_layers, describe_layers
-    from deltaft.models import build_model
 
     model, info = build_model(args.model, weights=args.weights)
     size = args.image_size or info.input_size
