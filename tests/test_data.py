@@ -23,12 +23,13 @@ from deltaft.app.data import (
     ImageFolder,
     build_datasets,
     eval_transform,
+    folders,
+    sources,
     stratified_indices,
     stratified_split,
     train_transform,
     write_image_folder,
 )
-from deltaft.app.errors import UserError
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 
@@ -173,7 +174,7 @@ def test_all_unreadable_raises(tmp_path: Path) -> None:
     _corrupt(tmp_path / "a" / "x.png")
     _corrupt(tmp_path / "b" / "y.jpg")
     folder = ImageFolder(tmp_path)
-    with pytest.raises(UserError, match="None of the 2 images"):
+    with pytest.raises(ValueError, match="None of the 2 images"):
         folder[0]
 
 
@@ -213,13 +214,13 @@ def test_image_folder_errors(tmp_path: Path, setup: str, match: str) -> None:
         _folder(root, {"a": 1})
         (root / "b").mkdir()
         (root / "b" / "notes.txt").write_text("x")
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         ImageFolder(root)
 
 
 def test_image_folder_class_mismatch(tmp_path: Path) -> None:
     _folder(tmp_path, {"a": 1, "c": 1})
-    with pytest.raises(UserError, match=r"missing: b; unexpected: c"):
+    with pytest.raises(ValueError, match=r"missing: b; unexpected: c"):
         ImageFolder(tmp_path, classes=["a", "b"])
 
 
@@ -229,9 +230,9 @@ def test_cannot_list_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     def denied(path: Any) -> Any:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(D.os, "scandir", denied)
-    with pytest.raises(UserError, match="Cannot list"):
-        D._scan_images(tmp_path / "a")
+    monkeypatch.setattr(folders.os, "scandir", denied)
+    with pytest.raises(ValueError, match="Cannot list"):
+        folders.scan_images(tmp_path / "a")
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def test_stratified_indices_short_class_warns(caplog: pytest.LogCaptureFixture) 
     ],
 )
 def test_stratified_indices_errors(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         stratified_indices([0, 1], **kwargs)
 
 
@@ -290,7 +291,7 @@ def test_stratified_split_holds_out_each_class() -> None:
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
 def test_stratified_split_fraction_error(fraction: float) -> None:
-    with pytest.raises(UserError, match=r"held-out fraction must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"held-out fraction must be in \(0, 1\)"):
         stratified_split([0, 0, 1, 1], fraction, seed=0)
 
 
@@ -315,7 +316,7 @@ def test_paper_eval_transform_matches_reference_protocol() -> None:
     )(image)
     torch.testing.assert_close(ours, reference)
     steps = [type(s).__name__ for s in train_transform(224, "paper").transforms]
-    assert steps[:4] == ["_ToRGB", "Resize", "RandomCrop", "RandomHorizontalFlip"]
+    assert steps[:4] == ["ToRGB", "Resize", "RandomCrop", "RandomHorizontalFlip"]
     assert train_transform(224, "paper").transforms[1].size == (256, 256)
     assert eval_transform(224).transforms[1].size == 256  # default: short side 224 / 0.875
 
@@ -345,7 +346,7 @@ def test_hflip_probability_and_crop_scale() -> None:
     [
         ({"hflip": -0.1}, r"hflip is a probability in \[0, 1\], got -0.1"),
         ({"crop_scale": 1.5}, r"crop_scale is the smallest area fraction .* got 1.5"),
-        ({"crop_scale": 0.5, "preset": "paper"}, "Drop --crop-scale or use --preset default"),
+        ({"crop_scale": 0.5, "preset": "paper"}, "Drop crop_scale or use preset default"),
         ({"image_size": 0}, "image_size must be a positive integer"),
         ({"preset": "fancy"}, "Unknown preset 'fancy'"),
         ({"mean": (0.5, 0.5)}, "mean and std need 3 values"),
@@ -354,7 +355,7 @@ def test_hflip_probability_and_crop_scale() -> None:
 )
 def test_transform_errors(kwargs: dict[str, Any], match: str) -> None:
     args: dict[str, Any] = {"image_size": 8, **kwargs}
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         train_transform(**args)
 
 
@@ -431,7 +432,7 @@ def test_build_datasets_errors(
         _folder(root / "test", {"a": 1})
     elif layout == "ok":
         _folder(root, {"a": 2})
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         build_datasets(str(root), image_size=8, **kwargs)
 
 
@@ -508,12 +509,12 @@ def test_tv_dataset_without_split_is_held_out_like_a_flat_folder(
 
 
 def test_tv_unknown_name() -> None:
-    with pytest.raises(UserError, match="supported: tv:CIFAR10, tv:CIFAR100, tv:Caltech256"):
+    with pytest.raises(ValueError, match="supported: tv:CIFAR10, tv:CIFAR100, tv:Caltech256"):
         build_datasets("tv:ImageNet22k")
 
 
 def test_tv_missing_without_download(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="not found under .* pass --download on a machine"):
+    with pytest.raises(ValueError, match="not found under .* pass download on a machine"):
         build_datasets("tv:CIFAR10", data_root=str(tmp_path))
 
 
@@ -522,7 +523,7 @@ def test_tv_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         raise URLError("no network")
 
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
-    with pytest.raises(UserError, match="Could not download tv:CIFAR10 .*no network"):
+    with pytest.raises(ValueError, match="Could not download tv:CIFAR10 .*no network"):
         build_datasets("tv:CIFAR10", data_root=str(tmp_path), download=True)
 
 
@@ -540,12 +541,12 @@ class _Labelled(Dataset[tuple[int, int]]):
 
 
 def test_targets_from_attributes_or_by_iteration() -> None:
-    assert D._targets_of(_Labelled([1, 0])) == [1, 0]
+    assert sources._targets_of(_Labelled([1, 0])) == [1, 0]
     paired = _Labelled([5])  # wrong length: ignored
     paired._samples = [("x", 1), ("y", 1)]  # type: ignore[attr-defined]  # StanfordCars style
-    assert D._targets_of(paired) == [1, 1]
-    assert D._targets_of(_Labelled()) == [2, 1]  # no attribute: read every sample
-    assert D._classes_of(_Labelled(), lambda: [0, 2]) == ["0", "1", "2"]
+    assert sources._targets_of(paired) == [1, 1]
+    assert sources._targets_of(_Labelled()) == [2, 1]  # no attribute: read every sample
+    assert sources._classes_of(_Labelled(), lambda: [0, 2]) == ["0", "1", "2"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -589,7 +590,7 @@ def test_write_image_folder_round_trip(tmp_path: Path) -> None:
 def test_write_image_folder_errors(
     tmp_path: Path, images: list[tuple[np.ndarray, int]], classes: list[str], match: str
 ) -> None:
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         write_image_folder(tmp_path, images, classes)
 
 

@@ -311,7 +311,7 @@ def test_source_errors(tmp_path: Path, layout: str, match: str) -> None:
     elif layout == "no_classes":
         src.mkdir()
         _png(src / "loose.png", 0)
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         _split(src, tmp_path / "dst")
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from deltaft.app.data import _class_folders, _scan_images
+from deltaft.app.data import class_folders, scan_images
 from deltaft.app.errors import UserError
 
 __all__ = ["MANIFEST", "Link", "SplitResult", "add_parser", "split_per_class"]
@@ -122,7 +122,7 @@ def _check_dst(src: Path, dst: Path) -> None:
 
 
 def _classes(src: Path, exclude: Iterable[str]) -> list[str]:
-    found = _class_folders(src)
+    found = class_folders(src)
     excluded = set(exclude)
     unknown = sorted(excluded - set(found))
     if unknown:
@@ -139,7 +139,7 @@ def _classes(src: Path, exclude: Iterable[str]) -> list[str]:
 def _files(src: Path, name: str) -> list[str]:
     """Image files of class ``name``, relative to its folder, with ``/``."""
     folder = src / name
-    return [Path(p).relative_to(folder).as_posix() for p in _scan_images(folder)]
+    return [Path(p).relative_to(folder).as_posix() for p in scan_images(folder)]
 
 
 def _check_enough(files: dict[str, list[str]], train: int, test: int) -> None:
