@@ -12,6 +12,7 @@ the per-parameter L2-SP graph that the fused `l2sp_penalty` replaced, kept here 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from benchmarks._common import MODELS, batch, interleaved_median, source_and_model
-from deltaft import TransferObjective
+from deltaft import FrozenSource, TransferObjective, default_layers
 from deltaft.regularizers import L2SPRegularizer
 
 UNFUSED = "l2sp (unfused)"
@@ -52,38 +53,37 @@ def _step_fn(objective: TransferObjective, x: torch.Tensor, y: torch.Tensor) -> 
 def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) -> None:
     source, model = source_and_model(model_name)
     x, y = (t.to(device) for t in batch(batch_size, image))
-    variants = {
-        "l2": {"method": "l2"},
-        "l2sp": {"method": "l2sp"},
-        UNFUSED: {"method": "l2sp"},
-        "fm": {"method": "fm"},
-        "delta": {"method": "delta", "attention": "uniform"},
-        "delta (packed source, --source-mkldnn)": {
-            "method": "delta",
-            "attention": "uniform",
-            "source_mkldnn": True,
-        },
-        "delta (source in input layout)": {
-            "method": "delta",
-            "attention": "uniform",
-            "source_channels_last": False,
-        },
-        "delta (straightforward)": {
-            "method": "delta",
-            "attention": "uniform",
-            "truncate_source": False,
-            "fold_source_bn": False,
-            "source_channels_last": False,
-        },
+    # label -> (TransferObjective arguments, FrozenSource options or None for the defaults)
+    delta: dict[str, object] = {"method": "delta", "attention": "uniform"}
+    variants: dict[str, tuple[dict[str, object], dict[str, bool] | None]] = {
+        "l2": ({"method": "l2"}, None),
+        "l2sp": ({"method": "l2sp"}, None),
+        UNFUSED: ({"method": "l2sp"}, None),
+        "fm": ({"method": "fm"}, None),
+        "delta": (delta, None),
+        "delta (packed source, --source-mkldnn)": (delta, {"mkldnn": True}),
+        "delta (source in input layout)": (delta, {"channels_last": False}),
+        "delta (straightforward)": (
+            delta,
+            {"truncate": False, "fold_bn": False, "channels_last": False},
+        ),
     }
+    layers = default_layers(model, input_size=image)
     fns = {}
-    for label, kwargs in variants.items():
+    for label, (kwargs, source_options) in variants.items():
+        frozen = (
+            source if source_options is None else FrozenSource(source, layers, **source_options)
+        )
         # Each variant trains its own copy so that no step sees another's updates.
         objective = TransferObjective(
-            __import__("copy").deepcopy(model), source, input_size=image, **kwargs
+            copy.deepcopy(model),
+            frozen,
+            input_size=image,
+            **kwargs,  # type: ignore[arg-type]
         )
-        if label == UNFUSED and objective.l2sp is not None:
-            objective.l2sp = _UnfusedL2SP(objective.l2sp.reference())
+        if label == UNFUSED:
+            reference = objective.terms["reg/l2sp"].reference()
+            objective.terms["reg/l2sp"] = _UnfusedL2SP(reference)
         objective = objective.to(device)
         fns[label] = _step_fn(objective, x, y)
     medians = interleaved_median(fns, rounds, device)

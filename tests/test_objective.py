@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from deltaft import FeatureExtractor, TransferObjective
+from deltaft import FeatureExtractor, FrozenSource, TransferObjective
 from deltaft.regularizers import functional as RF
 from tests.conftest import TinyNet
 
@@ -25,12 +25,15 @@ def _pair(num_classes: int = 4) -> tuple[TinyNet, TinyNet]:
     return model, source
 
 
-def _objective(method: str, **kwargs) -> TransferObjective:  # type: ignore[no-untyped-def]
+def _objective(method: str, source_options=None, **kwargs) -> TransferObjective:  # type: ignore[no-untyped-def]
+    """An objective on ``_pair()``; ``source_options`` configure a FrozenSource of its layers."""
     model, source = _pair()
     if method in ("fm", "delta"):
         kwargs.setdefault("layers", LAYERS)
     if method == "delta":
         kwargs.setdefault("attention", "uniform")
+    if source_options is not None:
+        source = FrozenSource(source, kwargs.get("layers", []), **source_options)
     return TransferObjective(model, source, method, **kwargs)  # type: ignore[arg-type]
 
 
@@ -56,7 +59,9 @@ def test_training_step_leaves_source_bit_identical(method: str, batch) -> None: 
         assert torch.equal(value, frozen_before[name]), name
     assert not objective.source.training
     assert all(not p.requires_grad for p in objective.source.parameters())
-    assert not torch.equal(model.fc.weight, objective.source.fc.weight[:4])  # the model did train
+    assert not torch.equal(
+        model.fc.weight, objective.source.network.fc.weight[:4]
+    )  # the model did train
 
 
 def test_parts_match_functional(batch) -> None:  # type: ignore[no-untyped-def]
@@ -68,7 +73,7 @@ def test_parts_match_functional(batch) -> None:  # type: ignore[no-untyped-def]
     }
     objective = _objective("delta", attention=weights, alpha=0.3, beta=0.2).train()
     out = objective(x, y)
-    model, source = objective.model, objective.source
+    model, source = objective.model, objective.source.network
     with FeatureExtractor(model, LAYERS) as fx:
         logits = model(x)
         target = fx.pop()
@@ -113,7 +118,7 @@ def test_l2_uses_weight_decay_only(batch) -> None:  # type: ignore[no-untyped-de
 def test_source_runs_only_to_last_layer(batch) -> None:  # type: ignore[no-untyped-def]
     objective = _objective("delta", layers=["conv1"])
     ran = []
-    objective.source.conv2.register_forward_hook(lambda *a: ran.append("conv2"))
+    objective.source.network.conv2.register_forward_hook(lambda *a: ran.append("conv2"))
     objective(*batch)
     assert ran == []
 
@@ -164,16 +169,16 @@ def test_errors() -> None:
 
 def test_folded_source_gives_the_same_penalty(batch) -> None:  # type: ignore[no-untyped-def]
     folded = _objective("delta", layers=["stem.0", "conv2"]).train()
-    plain = _objective("delta", layers=["stem.0", "conv2"], fold_source_bn=False).train()
+    plain = _objective("delta", {"fold_bn": False}, layers=["stem.0", "conv2"]).train()
     assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.source.modules()) < 3
     assert_close(folded(*batch)["reg/delta"], plain(*batch)["reg/delta"], rtol=1e-5, atol=1e-6)
 
 
 def test_channels_last_source_gives_the_same_loss_and_gradients(batch) -> None:  # type: ignore[no-untyped-def]
     nhwc = _objective("delta", layers=["stem.0", "conv2"]).train()
-    same = _objective("delta", layers=["stem.0", "conv2"], source_channels_last=False).train()
+    same = _objective("delta", {"channels_last": False}, layers=["stem.0", "conv2"]).train()
     seen: list[torch.Tensor] = []
-    handle = nhwc.source.get_submodule("conv2").register_forward_hook(
+    handle = nhwc.source.network.get_submodule("conv2").register_forward_hook(
         lambda _m, _i, out: seen.append(out)
     )
     a, b = nhwc(*batch), same(*batch)
@@ -204,12 +209,15 @@ def _train_steps(
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_packed_source_gives_the_same_training(batch) -> None:  # type: ignore[no-untyped-def]
-    packed = _objective("delta", source_mkldnn=True).train()
+    packed = _objective("delta", {"mkldnn": True}).train()
     plain = _objective("delta").train()
     a, b = _train_steps(packed, batch), _train_steps(plain, batch)
-    assert isinstance(packed._packed[0], nn.Module)  # the oneDNN copy ran steps 2 and 3
-    assert plain._packed[0] is None
-    assert not any("_packed" in key for key in packed.state_dict())  # no submodule, no state
+    # the oneDNN copy ran steps 2 and 3
+    assert packed.source.backend == "onednn"
+    assert isinstance(packed.source._packing.network, nn.Module)
+    assert plain.source.backend == "plain" and not plain.source._packing.tried
+    assert not any("_packing" in key for key in packed.state_dict())  # no submodule, no state
+    assert packed.state_dict().keys() == plain.state_dict().keys()
     for step_a, step_b in zip(a, b, strict=True):
         for key in ("loss", "reg/delta", "task_loss"):
             assert_close(step_a[key], step_b[key], rtol=1e-4, atol=1e-6)
@@ -220,12 +228,13 @@ def test_packed_source_gives_the_same_training(batch) -> None:  # type: ignore[n
 def _assert_plain_source(  # type: ignore[no-untyped-def]
     fast: TransferObjective, plain: TransferObjective, batch, caplog, reason: str
 ) -> None:
-    """``fast`` (source_mkldnn=True) gave up its packed copy and computes what ``plain`` does."""
+    """``fast`` (mkldnn=True) gave up its packed copy and computes what ``plain`` does."""
     key = "reg/" + fast.method
-    with caplog.at_level("INFO", logger="deltaft.objective"):
+    with caplog.at_level("INFO", logger="deltaft.source"):
         for _ in range(2):
             assert torch.equal(fast(*batch)[key], plain(*batch)[key])
-    assert fast._packed[0] is False
+    assert fast.source.backend == "plain"
+    assert fast.source._packing.tried and fast.source._packing.network is None
     if torch.backends.mkldnn.is_available():
         assert f"Plain frozen source: {reason}" in caplog.text
 
@@ -242,7 +251,8 @@ def test_packed_source_falls_back_where_onednn_cannot_run_it(
     source = Relu6Net(num_classes=5).eval()
     model = copy.deepcopy(source)
     model.fc = nn.Linear(16, 4)
-    fast = TransferObjective(model, source, "fm", layers=LAYERS, source_mkldnn=True).train()
+    packed = FrozenSource(source, LAYERS, mkldnn=True)
+    fast = TransferObjective(model, packed, "fm", layers=LAYERS).train()
     slow = TransferObjective(model, source, "fm", layers=LAYERS).train()
     _assert_plain_source(fast, slow, batch, caplog, "torch cannot run it with oneDNN")
 
@@ -252,19 +262,19 @@ def test_packed_source_is_dropped_when_its_maps_differ(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
 ) -> None:
-    objective = _objective("delta", source_mkldnn=True).train()
+    objective = _objective("delta", {"mkldnn": True}).train()
     plain = _objective("delta").train()
-    packed_maps = TransferObjective._packed_source_maps
+    packed_maps = FrozenSource._packed_maps
     monkeypatch.setattr(
-        TransferObjective,
-        "_packed_source_maps",
+        FrozenSource,
+        "_packed_maps",
         lambda self, packed, x: {k: v + 0.1 for k, v in packed_maps(self, packed, x).items()},
     )
     _assert_plain_source(objective, plain, batch, caplog, "its oneDNN copy differs at 'conv1'")
 
 
 def test_fold_batchnorm_falls_back_on_untraceable(batch) -> None:  # type: ignore[no-untyped-def]
-    from deltaft._fuse import fold_batchnorm
+    from deltaft.source import fold_batchnorm
 
     class Branchy(TinyNet):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +290,7 @@ def test_fold_batchnorm_falls_back_on_untraceable(batch) -> None:  # type: ignor
 
 def test_source_bn_batch_removes_the_step0_mismatch(batch) -> None:  # type: ignore[no-untyped-def]
     running = _objective("delta").train()
-    batched = _objective("delta", source_bn="batch").train()
+    batched = _objective("delta", {"bn": "batch"}).train()
     before = {k: v.clone() for k, v in batched.source.state_dict().items()}
     assert running(*batch)["reg/delta"] > 1e-3
     # equal weights, both normalising with the batch's statistics: the maps agree
@@ -288,5 +298,5 @@ def test_source_bn_batch_removes_the_step0_mismatch(batch) -> None:  # type: ign
     for name, value in batched.source.state_dict().items():
         assert torch.equal(value, before[name]), name  # running statistics untouched
     assert all(not m.training for m in batched.source.modules())
-    with pytest.raises(ValueError, match="source_bn must be 'running' or 'batch'"):
-        _objective("delta", source_bn="train")
+    with pytest.raises(ValueError, match="bn must be 'running' or 'batch', got 'train'"):
+        _objective("delta", {"bn": "train"})

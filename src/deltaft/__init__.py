@@ -2,7 +2,7 @@
 
 The public surface, on one screen::
 
-    from deltaft import FeatureExtractor, TransferObjective, default_layers
+    from deltaft import FeatureExtractor, FrozenSource, TransferObjective, default_layers
     from deltaft.regularizers import functional as RF
     from deltaft.attention import estimate_channel_attention, ChannelAttention
 """
@@ -11,12 +11,14 @@ from deltaft.heads import find_head, replace_head
 from deltaft.hooks import FeatureExtractor
 from deltaft.layers import default_layers, describe_layers, validate_layers
 from deltaft.objective import METHODS, TransferObjective
+from deltaft.source import FrozenSource
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
     "FeatureExtractor",
+    "FrozenSource",
     "TransferObjective",
     "__version__",
     "default_layers",

@@ -51,6 +51,7 @@ from deltaft.engine import (
 from deltaft.heads import replace_head
 from deltaft.layers import default_layers, validate_layers
 from deltaft.objective import TransferObjective
+from deltaft.source import FrozenSource
 
 __all__ = [
     "evaluate_checkpoint",
@@ -482,7 +483,7 @@ class _Training:
         self.layers = list(layers or [])
         self.objective = TransferObjective(
             model,
-            source,
+            FrozenSource(source, self.layers, bn=cfg.source_bn, mkldnn=cfg.source_mkldnn),
             cfg.method,
             layers=layers,
             attention=self.attention,
@@ -490,8 +491,6 @@ class _Training:
             beta=cfg.beta,
             head=self.head,
             reduction=cfg.reduction,
-            source_bn=cfg.source_bn,
-            source_mkldnn=cfg.source_mkldnn,
             weight_decay=cfg.weight_decay,
             input_size=self.image_size,
         ).to(self.device)
