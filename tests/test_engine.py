@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from deltaft import TransferObjective
-from deltaft.app.errors import UserError
-from deltaft.app.tracking import (
-    RunDir,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from deltaft.app.checkpoint import capture_rng_state, restore_rng_state
+from deltaft.app.errors import SettingError
+from deltaft.app.tracking import RunDir, load_checkpoint, save_checkpoint
 from deltaft.engine import NonFiniteLossError, Progress, evaluate, train_one_epoch
 from tests.conftest import TinyNet
 
@@ -177,13 +173,13 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
 
 
 def test_load_checkpoint_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="No checkpoint at"):
+    with pytest.raises(FileNotFoundError, match="No checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="is not a readable checkpoint"):
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="is not a deltaft checkpoint"):
+    with pytest.raises(ValueError, match="is not a deltaft checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
 
 
@@ -194,15 +190,17 @@ def test_run_dir_refuses_to_overwrite(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     run.write_config("a: 1\n")
     with pytest.raises(
-        UserError, match="already holds a run; use --resume .* or choose a new --out"
-    ):
+        SettingError, match="already holds a run; use resume .* or choose a new out"
+    ) as holds:
         run.check_new()
+    flags = holds.value.render(lambda key: f"--{key}")
+    assert re.search("already holds a run; use --resume .* or choose a new --out", flags)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(UserError, match="non-empty directory"):
+    with pytest.raises(SettingError, match="non-empty directory"):
         RunDir(tmp_path / "mine").check_new()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="is a file"):
+    with pytest.raises(SettingError, match="is a file"):
         RunDir(tmp_path / "file").check_new()
 
 
