@@ -8,17 +8,17 @@ every function logs one warning and returns ``None``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+from deltaft._utils import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -66,19 +66,8 @@ def _missing_matplotlib(what: str) -> None:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically (temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``fig`` as a PNG at ``path`` with :func:`~deltaft._utils.atomic_write`."""
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
 
 
 def _number(value: Any) -> float | None:
