@@ -149,8 +149,11 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
         ``path`` as a :class:`~pathlib.Path`, or ``None`` when matplotlib is not installed.
 
     Example:
-        >>> plot_curves([{"epoch": 1, "train/loss": 1.2, "val/acc": 0.5}], "curves.png")
-        PosixPath('curves.png')
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> path = plot_curves([{"epoch": 1, "train/loss": 1.2, "val/acc": 0.5}], folder / "c.png")
+        >>> path in (folder / "c.png", None)  # None without matplotlib
+        True
     """
     panels = _curve_panels(metrics)
     made = _new_figure(len(panels), "training curves")
@@ -240,8 +243,11 @@ def plot_compare(
         ``path`` as a :class:`~pathlib.Path`, or ``None`` when matplotlib is not installed.
 
     Example:
-        >>> plot_compare({"l2": [90.1, 91.0, 90.5], "delta": [92.0, 92.4, 93.1]}, "compare.png")
-        PosixPath('compare.png')
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "compare.png"
+        >>> accuracies = {"l2": [90.1, 91.0, 90.5], "delta": [92.0, 92.4, 93.1]}
+        >>> plot_compare(accuracies, path) in (path, None)  # None without matplotlib
+        True
     """
     made = _new_figure(1, title)
     if made is None:
