@@ -222,3 +222,31 @@ def test_non_writing_rank_writes_nothing(tmp_path: Path) -> None:
     run.save_checkpoint({"epoch": 1})
     run.write_summary({})
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# settings named in errors (the CLI renders them as flags)
+# ------------------------------------------------------------------------------------------------
+def _as_flags(error: SettingError) -> str:
+    return error.render(lambda key: "--" + key.replace("_", "-"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_unavailable_device_names_the_device_setting() -> None:
+    from deltaft.app.build import resolve_device
+
+    with pytest.raises(SettingError, match="device cuda: CUDA is not available") as raised:
+        resolve_device("cuda")
+    assert _as_flags(raised.value) == (
+        "--device cuda: CUDA is not available here; use --device cpu."
+    )
+
+
+def test_eval_of_a_missing_run_names_the_run_setting(tmp_path: Path) -> None:
+    from deltaft.app.evaluate import evaluate_checkpoint
+
+    with pytest.raises(SettingError, match="run .*missing is not a directory") as raised:
+        evaluate_checkpoint(tmp_path / "missing")
+    assert _as_flags(raised.value).startswith(f"--run {tmp_path / 'missing'} is not a directory")
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint at .*best\.pt"):
+        evaluate_checkpoint(tmp_path)
