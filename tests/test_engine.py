@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from deltaft import TransferObjective
-from deltaft.app.errors import UserError
-from deltaft.app.tracking import (
-    RunDir,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from deltaft.app.checkpoint import capture_rng_state, restore_rng_state
+from deltaft.app.errors import SettingError
+from deltaft.app.tracking import RunDir, load_checkpoint, save_checkpoint
 from deltaft.engine import NonFiniteLossError, Progress, evaluate, train_one_epoch
 from tests.conftest import TinyNet
 
@@ -177,13 +173,13 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
 
 
 def test_load_checkpoint_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="No checkpoint at"):
+    with pytest.raises(FileNotFoundError, match="No checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="is not a readable checkpoint"):
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="is not a deltaft checkpoint"):
+    with pytest.raises(ValueError, match="is not a deltaft checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
 
 
@@ -194,15 +190,17 @@ def test_run_dir_refuses_to_overwrite(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     run.write_config("a: 1\n")
     with pytest.raises(
-        UserError, match="already holds a run; use --resume .* or choose a new --out"
-    ):
+        SettingError, match="already holds a run; use resume .* or choose a new out"
+    ) as holds:
         run.check_new()
+    flags = holds.value.render(lambda key: f"--{key}")
+    assert re.search("already holds a run; use --resume .* or choose a new --out", flags)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(UserError, match="non-empty directory"):
+    with pytest.raises(SettingError, match="non-empty directory"):
         RunDir(tmp_path / "mine").check_new()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="is a file"):
+    with pytest.raises(SettingError, match="is a file"):
         RunDir(tmp_path / "file").check_new()
 
 
@@ -224,3 +222,31 @@ def test_non_writing_rank_writes_nothing(tmp_path: Path) -> None:
     run.save_checkpoint({"epoch": 1})
     run.write_summary({})
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# settings named in errors (the CLI renders them as flags)
+# ------------------------------------------------------------------------------------------------
+def _as_flags(error: SettingError) -> str:
+    return error.render(lambda key: "--" + key.replace("_", "-"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_unavailable_device_names_the_device_setting() -> None:
+    from deltaft.app.build import resolve_device
+
+    with pytest.raises(SettingError, match="device cuda: CUDA is not available") as raised:
+        resolve_device("cuda")
+    assert _as_flags(raised.value) == (
+        "--device cuda: CUDA is not available here; use --device cpu."
+    )
+
+
+def test_eval_of_a_missing_run_names_the_run_setting(tmp_path: Path) -> None:
+    from deltaft.app.evaluate import evaluate_checkpoint
+
+    with pytest.raises(SettingError, match="run .*missing is not a directory") as raised:
+        evaluate_checkpoint(tmp_path / "missing")
+    assert _as_flags(raised.value).startswith(f"--run {tmp_path / 'missing'} is not a directory")
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint at .*best\.pt"):
+        evaluate_checkpoint(tmp_path)

@@ -8,17 +8,17 @@ every function logs one warning and returns ``None``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+from deltaft._utils import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -66,19 +66,8 @@ def _missing_matplotlib(what: str) -> None:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically (temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``fig`` as a PNG at ``path`` with :func:`~deltaft._utils.atomic_write`."""
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
 
 
 def _number(value: Any) -> float | None:
@@ -160,8 +149,11 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
         ``path`` as a :class:`~pathlib.Path`, or ``None`` when matplotlib is not installed.
 
     Example:
-        >>> plot_curves([{"epoch": 1, "train/loss": 1.2, "val/acc": 0.5}], "curves.png")
-        PosixPath('curves.png')
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> path = plot_curves([{"epoch": 1, "train/loss": 1.2, "val/acc": 0.5}], folder / "c.png")
+        >>> path in (folder / "c.png", None)  # None without matplotlib
+        True
     """
     panels = _curve_panels(metrics)
     made = _new_figure(len(panels), "training curves")
@@ -251,8 +243,11 @@ def plot_compare(
         ``path`` as a :class:`~pathlib.Path`, or ``None`` when matplotlib is not installed.
 
     Example:
-        >>> plot_compare({"l2": [90.1, 91.0, 90.5], "delta": [92.0, 92.4, 93.1]}, "compare.png")
-        PosixPath('compare.png')
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "compare.png"
+        >>> accuracies = {"l2": [90.1, 91.0, 90.5], "delta": [92.0, 92.4, 93.1]}
+        >>> plot_compare(accuracies, path) in (path, None)  # None without matplotlib
+        True
     """
     made = _new_figure(1, title)
     if made is None:

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,13 @@ import numpy as np
 import torch
 
 from deltaft._utils import atomic_write, first_line
-from deltaft.app.errors import UserError
+from deltaft.app.errors import SettingError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "RunDir",
-    "atomic_write",
-    "capture_rng_state",
     "load_checkpoint",
     "remove_stale_temporaries",
-    "restore_rng_state",
     "save_checkpoint",
 ]
 
@@ -76,68 +72,25 @@ def load_checkpoint(
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
     Raises:
-        UserError: no file, or not a deltaft checkpoint (the message says how to recover).
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a deltaft checkpoint (the message says how to recover).
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"No checkpoint at {path}; was the run trained to the end of an epoch?")
+        raise FileNotFoundError(
+            f"No checkpoint at {path}; was the run trained to the end of an epoch?"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors have no common base class
-        raise UserError(f"{path} is not a readable checkpoint ({first_line(error)}).") from None
+        raise ValueError(f"{path} is not a readable checkpoint ({first_line(error)}).") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(
+        raise ValueError(
             f"{path} is not a deltaft checkpoint (format "
             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
             f"expected {CHECKPOINT_FORMAT!r})."
         )
     return state
-
-
-# ------------------------------------------------------------------------------------------------
-# RNG states as tensors and plain values, so that weights_only loading accepts them
-# ------------------------------------------------------------------------------------------------
-def capture_rng_state() -> dict[str, Any]:
-    """The global Python, NumPy, torch (and initialised CUDA) RNG states as plain values."""
-    version, internal, gauss_next = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return {
-        "python": {
-            "version": int(version),
-            "state": torch.tensor(internal, dtype=torch.int64),  # 625 values < 2**32
-            "gauss_next": gauss_next,
-        },
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),  # (624,) uint32 values
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": list(cuda),
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state` (CUDA states only when as many devices exist)."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (
-            npy["name"],
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,18 +142,18 @@ class RunDir:
         """Refuse to start a fresh run where it could overwrite anything.
 
         Raises:
-            UserError: the path is a file, holds a run, or is a non-empty directory.
+            SettingError: the path is a file, holds a run, or is a non-empty directory.
         """
         if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"--out {self.path} is a file; choose a directory for the run.")
+            raise SettingError(f"{{out}} {self.path} is a file; choose a directory for the run.")
         if self.holds_run():
-            raise UserError(
-                f"--out {self.path} already holds a run; use --resume to continue it or choose "
-                "a new --out."
+            raise SettingError(
+                f"{{out}} {self.path} already holds a run; use {{resume}} to continue it or "
+                "choose a new {out}."
             )
         if self.path.is_dir() and any(self.path.iterdir()):
-            raise UserError(
-                f"--out {self.path} is a non-empty directory; choose a new or empty --out."
+            raise SettingError(
+                f"{{out}} {self.path} is a non-empty directory; choose a new or empty {{out}}."
             )
 
     def remove_stale_temporaries(self) -> None:
@@ -258,8 +211,13 @@ class RunDir:
         return [json.loads(line) for line in lines if line.strip()]
 
     def read_summary(self) -> dict[str, Any]:
+        """``summary.json``.
+
+        Raises:
+            FileNotFoundError: the run has not finished.
+        """
         if not self.summary_path.is_file():
-            raise UserError(f"No summary.json in {self.path}; the run has not finished.")
+            raise FileNotFoundError(f"No summary.json in {self.path}; the run has not finished.")
         data: dict[str, Any] = json.loads(self.summary_path.read_text(encoding="utf-8"))
         return data
 

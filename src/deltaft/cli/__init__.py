@@ -34,7 +34,7 @@ import torch
 from deltaft import __version__
 from deltaft.app import distributed
 from deltaft.app.config import TrainConfig, load_config
-from deltaft.app.errors import UserError
+from deltaft.app.errors import SettingError, UserError
 from deltaft.app.tracking import RunDir
 from deltaft.engine import NonFiniteLossError, Progress
 from deltaft.objective import METHODS
@@ -496,7 +496,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
-    from deltaft.app.train import run_attention
+    from deltaft.app.attention import run_attention
 
     cfg = config_from_args(args, method="delta")
     attention = run_attention(cfg, cfg.out)
@@ -509,7 +509,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from deltaft.app.train import evaluate_checkpoint
+    from deltaft.app.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.run,
@@ -583,7 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError) as error:
         if args.debug:
             raise
-        _error(str(error))
+        flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
+        _error(error.render(flag) if isinstance(error, SettingError) else str(error))
         return 2
     except NonFiniteLossError as error:
         if args.debug:
@@ -593,6 +594,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         if args.debug:
             raise
+        if isinstance(error, FileNotFoundError) and error.filename is None:  # a path the user gave
+            _error(str(error))
+            return 2
         _error(f"{type(error).__name__}: {error}")
         return 1
     except KeyboardInterrupt as error:  # a TrainingInterrupted says what it saved

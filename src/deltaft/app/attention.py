@@ -1,0 +1,131 @@
+"""``deltaft attention`` as a function, and the attention steps that ``deltaft train`` shares:
+estimating the channel attention reproducibly from the settings, and loading a file checked
+against the source model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from deltaft.app.build import (
+    build_run,
+    derived_seed,
+    make_loader,
+    resolve_device,
+    seed_everything,
+    select_layers,
+)
+from deltaft.app.config import TrainConfig
+from deltaft.app.errors import SettingError
+from deltaft.attention import ChannelAttention, estimate_channel_attention
+
+__all__ = ["estimate_attention", "load_attention", "run_attention"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_attention(
+    path: str | Path,
+    source: nn.Module,
+    layers: Sequence[str] | None,
+    *,
+    setting: Literal["attention", "resume"],
+) -> ChannelAttention:
+    """Read an attention file; check it against the source model (and ``layers`` when given).
+
+    Raises:
+        SettingError: no such file, or a file for another model or other layers; the message
+            names ``setting``, the setting that gave the path.
+    """
+    try:
+        attention = ChannelAttention.load(path, model=source)
+        if layers is not None:
+            attention.check_compatible(layers)
+    except FileNotFoundError:
+        raise SettingError(f"{{{setting}}} {path}: no such file.") from None
+    except ValueError as error:
+        raise SettingError(f"{{{setting}}} {path}: {error}") from None
+    return attention
+
+
+def estimate_attention(
+    cfg: TrainConfig,
+    source: nn.Module,
+    train: Dataset[Any],
+    layers: Sequence[str],
+    num_classes: int,
+    head: str,
+    device: torch.device,
+) -> ChannelAttention:
+    """Estimate the channel attention on the training split, reproducibly from ``cfg.seed``
+    (the RNGs are seeded from ``(seed, "attention")``, the data order from
+    ``(seed, "attention-data")``).
+
+    Raises:
+        ValueError: estimation failed; the message starts with ``attention estimation:``.
+    """
+    seed_everything(derived_seed(cfg.seed, "attention"))
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "attention-data"))
+    loader = make_loader(train, cfg, device, shuffle=True, generator=generator)
+    start = time.perf_counter()
+    try:
+        attention = estimate_channel_attention(
+            source,
+            loader,
+            layers,
+            num_classes,
+            epochs=cfg.attention_epochs,
+            bn=cfg.bn,
+            n_batches=cfg.attention_batches,
+            temperature=cfg.temperature,
+            method=cfg.attention_method,
+            head=head,
+            device=device,
+        )
+    except ValueError as error:
+        raise ValueError(f"attention estimation: {error}") from None
+    logger.info(
+        "attention: %d layers, %d channels in %.1f s",
+        len(attention.layers),
+        sum(attention.channels.values()),
+        time.perf_counter() - start,
+    )
+    return attention
+
+
+def run_attention(cfg: TrainConfig, path: str | Path) -> ChannelAttention:
+    """Estimate the channel attention of ``cfg.model`` on ``cfg.data`` and save it to ``path``.
+
+    Uses ``cfg``'s data, model, layers (default rule when ``None``), batch size, seed and the
+    ``attention_*``, ``temperature`` and ``bn`` settings; the result is identical to the one
+    ``deltaft train`` with the same settings estimates, so the file can be reused with
+    ``attention``.
+
+    Raises:
+        SettingError: ``path`` exists already (nothing is overwritten), or a bad setting.
+        ValueError: invalid data, model or layers (as :func:`deltaft.app.train.run_training`).
+    """
+    path = Path(path)
+    if path.exists():
+        raise SettingError(f"{path} exists; choose a new {{out}} file (nothing is overwritten).")
+    built = build_run(cfg, resolve_device(cfg.device))
+    layers = select_layers(cfg.layers, built.model, built.image_size)
+    attention = estimate_attention(
+        cfg,
+        built.source,
+        built.splits.train,
+        layers,
+        len(built.classes),
+        built.head,
+        built.device,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    attention.save(path)
+    return attention

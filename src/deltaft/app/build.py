@@ -1,0 +1,221 @@
+"""The build step that ``train``, ``attention`` and ``eval`` share: seeds, device, source model,
+data (decoded once and checked), the target copy with its new head, layers and loaders.
+
+Unlike the core library these functions change global state on purpose, as a training script
+does: :func:`build_run` seeds Python, NumPy and torch from ``cfg.seed``, so that every operation
+that builds from the same settings builds the same thing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from deltaft.app.config import TrainConfig
+from deltaft.app.data import DataSplits, ImageFolder, build_datasets
+from deltaft.app.distributed import DistInfo
+from deltaft.app.errors import SettingError
+from deltaft.app.models import ModelInfo, build_model
+from deltaft.heads import replace_head
+from deltaft.layers import default_layers, validate_layers
+
+__all__ = [
+    "BuiltRun",
+    "build_data",
+    "build_run",
+    "derived_seed",
+    "make_loader",
+    "resolve_device",
+    "seed_everything",
+    "select_layers",
+    "verify_data",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds and devices
+# ------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG (with ``seed mod 2**32``) and torch (every
+    device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (e.g. ``(seed, "epoch", 3, rank)``), stable across runs:
+    the first 8 bytes of ``sha256(repr(parts))`` as a little-endian integer, shifted right by 1.
+
+    Example:
+        >>> seed = derived_seed(0, "epoch", 1)
+        >>> seed == derived_seed(0, "epoch", 1) != derived_seed(0, "epoch", 2), seed < 2**63
+        (True, True)
+    """
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; under ``torchrun``, ``cuda`` is
+    ``cuda:LOCAL_RANK``.
+
+    Raises:
+        SettingError: CUDA (or MPS) requested but not available.
+    """
+    local_rank = info.local_rank if info is not None and info.enabled else None
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError(
+                f"{{device}} {name}: CUDA is not available here; use {{device}} cpu."
+            )
+        if device.index is None:
+            device = torch.device("cuda", local_rank if local_rank is not None else 0)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SettingError("{device} mps: MPS is not available here; use {device} cpu.")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def build_data(cfg: TrainConfig, info: ModelInfo, image_size: int) -> DataSplits:
+    """The splits of ``cfg.data`` with ``cfg``'s transforms, normalised with ``info``'s mean/std."""
+    return build_datasets(
+        cfg.data,
+        image_size=image_size,
+        preset=cfg.preset,
+        hflip=cfg.hflip,
+        crop_scale=cfg.crop_scale,
+        mean=info.mean,
+        std=info.std,
+        per_class=cfg.per_class,
+        fraction=cfg.fraction,
+        val_split=cfg.val_split,
+        seed=cfg.seed,
+        download=cfg.download,
+        data_root=cfg.data_root,
+    )
+
+
+def verify_data(splits: DataSplits) -> list[str]:
+    """Decode every image once: the full list of unreadable files, and a class check.
+
+    Raises:
+        ValueError: a class of the training split has no readable image.
+    """
+    skipped = splits.verify()
+    train = splits.train
+    if isinstance(train, ImageFolder):
+        readable = {label for path, label in train.samples if path not in train.skipped}
+        empty = [name for label, name in enumerate(train.classes) if label not in readable]
+        if empty:
+            folders = ", ".join(str(train.root / name) for name in empty)
+            raise ValueError(
+                f"Class folder(s) {folders} have no readable image (every file failed to "
+                "decode); fix or re-save the images, or remove the folder."
+            )
+    if skipped:  # each was named in a warning as it was found
+        logger.info("%d unreadable image(s) skipped; summary.json lists them.", len(skipped))
+    return skipped
+
+
+def make_loader(
+    dataset: Dataset[Any],
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    sampler: Sampler[Any] | None = None,
+    drop_last: bool = False,
+) -> DataLoader[Any]:
+    """A loader with ``cfg``'s batch size and workers (pinned memory on CUDA)."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+def select_layers(names: Sequence[str] | None, model: nn.Module, image_size: int) -> list[str]:
+    """``names``, or the default layers of ``model`` when ``None``, checked against ``model``.
+
+    Raises:
+        ValueError: a name that is not a layer of ``model`` with a feature-map output.
+    """
+    layers = names or default_layers(model, input_size=image_size)
+    validate_layers(model, layers, input_size=image_size)
+    return list(layers)
+
+
+@dataclass
+class BuiltRun:
+    """What :func:`build_run` builds.
+
+    Attributes:
+        device: where training and estimation run.
+        source: the pretrained network, as loaded (the frozen reference).
+        info: the source's input size, normalisation and head.
+        image_size: ``cfg.image_size`` or the model's.
+        splits: the datasets (every image decoded once).
+        skipped: the unreadable files :func:`verify_data` found.
+        model: a copy of ``source`` with a new head for the target classes.
+        head: the dotted name of that head.
+    """
+
+    device: torch.device
+    source: nn.Module
+    info: ModelInfo
+    image_size: int
+    splits: DataSplits
+    skipped: list[str]
+    model: nn.Module
+    head: str
+
+    @property
+    def classes(self) -> list[str]:
+        """The target classes, in label order."""
+        return list(self.splits.classes)
+
+
+def build_run(cfg: TrainConfig, device: torch.device) -> BuiltRun:
+    """Seed from ``cfg.seed``; build the source, the data (verified) and the target copy with a
+    new head for the data's classes. The order is fixed: the head's initial weights come from
+    the RNG state the steps before it leave.
+
+    Raises:
+        SettingError, ValueError: a bad model, weights or data (the message says which).
+    """
+    seed_everything(cfg.seed)
+    source, info = build_model(cfg.model, weights=cfg.weights, head=cfg.head)
+    image_size = cfg.image_size or info.input_size
+    splits = build_data(cfg, info, image_size)
+    skipped = verify_data(splits)
+    model = copy.deepcopy(source)
+    head = replace_head(model, len(splits.classes), info.head)
+    return BuiltRun(device, source, info, image_size, splits, skipped, model, head)
