@@ -477,3 +477,36 @@ def test_ctrl_c_stops_every_job_and_the_same_command_continues(tmp_path: Path) -
         lines = file.read_text().splitlines()
         assert len(lines) == 150
         assert lines[0] == first  # continued, not trained again from epoch 1
+
+
+def test_jobs_send_their_log_records_to_the_parents_handlers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A job's warning reaches the handlers of this process's ``deltaft`` logger (the CLI's)."""
+    import functools
+    import logging.handlers
+    import multiprocessing
+
+    from deltaft.app import compare
+    from deltaft.cli.console import configure_logging
+
+    log = logging.getLogger("deltaft")
+    level, handlers = log.level, list(log.handlers)
+    configure_logging(logging.INFO)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    listener = logging.handlers.QueueListener(queue, compare._ToLogger())
+    listener.start()
+    try:
+        with context.Pool(
+            1, initializer=compare._job_init, initargs=(1, logging.INFO, queue)
+        ) as pool:
+            warn = functools.partial(logging.Logger.warning, logging.getLogger("deltaft.app.x"))
+            pool.map(warn, ["from the job"])
+            info = functools.partial(logging.Logger.info, logging.getLogger("deltaft.app.x"))
+            pool.map(info, ["not shown: jobs send warnings and errors only"])
+    finally:
+        listener.stop()
+        log.setLevel(level)
+        log.handlers[:] = handlers
+    assert capsys.readouterr().err == "deltaft: warning: from the job\n"
