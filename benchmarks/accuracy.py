@@ -26,7 +26,7 @@ import torch
 
 from deltaft.app.compare import CompareResult, parse_seeds
 from deltaft.app.demo import run_demo
-from deltaft.app.errors import argparse_type
+from deltaft.cli.options import argparse_type
 
 METHODS = ["l2", "l2sp", "delta", "scratch"]
 

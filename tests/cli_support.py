@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 
 from deltaft.cli import main
+from deltaft.cli.options import message
 
 MODEL = "tests.toy_models:tiny_cnn"
 CLASSES = ("ant", "bee", "cat", "dog")
@@ -65,3 +68,14 @@ def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
 
 def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def raises_rendered(
+    expected: type[BaseException] | tuple[type[BaseException], ...], match: str
+) -> Iterator[None]:
+    """``pytest.raises(expected)``, with ``match`` searched in the message as the command line
+    prints it (a :class:`~deltaft.app.errors.SettingError` names flags there: ``--lr``)."""
+    with pytest.raises(expected) as info:
+        yield
+    assert re.search(match, message(info.value)), message(info.value)

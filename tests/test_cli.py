@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -18,10 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deltaft.app.build import build_data
 from deltaft.app.config import TrainConfig, load_config
 from deltaft.app.models import build_model
-from deltaft.app.train import _build_data
 from deltaft.cli import ProgressPrinter, main
+from deltaft.cli.console import configure_logging
 from deltaft.engine import Progress
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     CLASSES,
@@ -145,7 +147,7 @@ def test_iterations_adamw_and_no_validation_split(
     assert "val accuracy" not in out and "test accuracy:" in out
     cfg = TrainConfig.from_sources(load_config(tmp_path / "run" / "config.yaml"))
     assert (cfg.hflip, cfg.crop_scale) == (0.0, 0.5)
-    train_tf = _build_data(cfg, build_model(MODEL, weights="none")[1], 16).train.transform
+    train_tf = build_data(cfg, build_model(MODEL, weights="none")[1], 16).train.transform
     steps = {type(step).__name__: step for step in train_tf.transforms}
     assert "RandomHorizontalFlip" not in steps and steps["RandomResizedCrop"].scale == (0.5, 1.0)
     rows = _metrics(tmp_path / "run")
@@ -400,5 +402,69 @@ def test_terminal_progress_bar_redraws_one_line() -> None:
     for step in range(1, 6):
         printer(_progress(step))
     text = stream.getvalue()
-    assert text.count("\r") == 5 and text.count("\n") == 1 and text.endswith("\n")
-    assert "[####################] 5/5" in text
+    # A tqdm bar: every step redraws the same line (carriage returns), one newline at the end.
+    assert text.count("\r") >= 5 and text.count("\n") == 1 and text.endswith("\n")
+    last = text.rstrip("\n").rsplit("\r", 1)[-1]
+    assert last == (
+        "epoch 1/2 #################### 5/5 | loss 1.5, reg/delta 0.25, acc 50.0% | 100.0 img/s | "
+        "lr 0.01 | ETA 1:05"
+    )
+
+
+def test_log_lines_do_not_break_the_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(logging.INFO)
+    printer = ProgressPrinter(tty=True, min_interval=0.0)
+    printer(_progress(1))
+    logging.getLogger("deltaft.test").warning("look out")
+    printer(_progress(2))
+    printer.close()  # as main() does before an error line
+    err = capsys.readouterr().err
+    assert "\ndeltaft: warning: look out\n" in "\n" + err.replace("\r", "\n")
+    assert err.endswith("\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# options generated from TrainConfig; exit statuses
+# ------------------------------------------------------------------------------------------------
+def test_every_setting_is_a_train_flag_generated_from_its_field() -> None:
+    import argparse
+    import dataclasses
+    import typing
+
+    from deltaft.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train = {a.dest: a for a in sub.choices["train"]._actions}
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        action = train[field.name]
+        assert action.option_strings[0] == "--" + field.name.replace("_", "-")
+        assert action.default is argparse.SUPPRESS  # defaults come from the dataclass
+        hint = hints[field.name]
+        if typing.get_origin(hint) is typing.Literal:
+            assert tuple(action.choices or ()) == typing.get_args(hint), field.name
+        if field.default not in (None, dataclasses.MISSING) and not isinstance(field.default, bool):
+            shown = f"{field.default:g}" if isinstance(field.default, float) else field.default
+            if field.name != "step_at":  # "(default 2/3)" reads better than 0.666667
+                assert str(shown) in (action.help or ""), field.name
+
+
+def test_exit_status_of_each_error() -> None:
+    from deltaft.app.errors import SettingError
+    from deltaft.cli import exit_status
+    from deltaft.engine import NonFiniteLossError
+
+    assert exit_status(SettingError("{lr} must be > 0, got 0.")) == (2, "--lr must be > 0, got 0.")
+    assert exit_status(ValueError("bad")) == (2, "bad")
+    assert exit_status(FileNotFoundError("Source folder x does not exist")) == (
+        2,
+        "Source folder x does not exist",
+    )
+    assert exit_status(FileNotFoundError(2, "No such file or directory", "x")) == (
+        1,
+        "FileNotFoundError: [Errno 2] No such file or directory: 'x'",
+    )
+    assert exit_status(NonFiniteLossError("loss is nan")) == (1, "loss is nan")
+    assert exit_status(PermissionError(13, "denied")) == (1, "PermissionError: [Errno 13] denied")
+    assert exit_status(RuntimeError("a bug")) is None  # a traceback, not a one-liner

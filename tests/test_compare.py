@@ -19,7 +19,8 @@ from PIL import Image
 
 from deltaft.app.compare import CompareResult, parse_methods, parse_seeds, run_compare
 from deltaft.app.config import TrainConfig
-from deltaft.app.errors import UserError
+from deltaft.app.errors import SettingError
+from tests.cli_support import raises_rendered
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -216,10 +217,10 @@ def test_refuses_a_run_folder_of_another_method(fake: _FakeTraining, tmp_path: P
     run_dir = tmp_path / "l2-seed0"
     run_dir.mkdir()
     (run_dir / "summary.json").write_text(json.dumps({"method": "l2sp", "test_accuracy": 0.5}))
-    with pytest.raises(UserError, match=r"method 'l2sp'.*needs method 'l2'.*another --out"):
+    with raises_rendered(SettingError, r"method 'l2sp'.*needs method 'l2'.*another --out"):
         _compare(tmp_path, "l2", 1)
     (run_dir / "summary.json").write_text("{not json")
-    with pytest.raises(UserError, match="Cannot reuse .*summary.json.*Delete its run folder"):
+    with raises_rendered(ValueError, "Cannot reuse .*summary.json.*Delete its run folder"):
         _compare(tmp_path, "l2", 1)
     assert fake.calls == []
 
@@ -231,18 +232,18 @@ def test_run_without_any_accuracy_is_an_error(
         return {"test_accuracy": None, "val_accuracy": None, "seconds": 1.0}
 
     monkeypatch.setattr("deltaft.app.train.run_training", no_eval)
-    with pytest.raises(UserError, match="neither a test nor a validation accuracy.*--val-split"):
+    with raises_rendered(SettingError, "neither a test nor a validation accuracy.*--val-split"):
         _compare(tmp_path, "l2", 1)
 
 
 def test_parse_methods() -> None:
     assert parse_methods("l2, l2sp,delta") == ["l2", "l2sp", "delta"]
     assert parse_methods(["fm", "scratch"]) == ["fm", "scratch"]
-    with pytest.raises(UserError, match=r"Unknown method\(s\) \['bogus'\].*l2, l2sp, fm, delta"):
+    with raises_rendered(ValueError, r"Unknown method\(s\) \['bogus'\].*l2, l2sp, fm, delta"):
         parse_methods("l2,bogus")
-    with pytest.raises(UserError, match="Unknown method"):
+    with raises_rendered(ValueError, "Unknown method"):
         parse_methods(" , ")
-    with pytest.raises(UserError, match="l2 given more than once"):
+    with raises_rendered(ValueError, "l2 given more than once"):
         parse_methods("l2,delta,l2")
 
 
@@ -252,11 +253,11 @@ def test_parse_seeds() -> None:
     assert parse_seeds("0,7, 42") == [0, 7, 42]
     assert parse_seeds("5,") == [5]
     assert parse_seeds([4]) == [4]
-    with pytest.raises(UserError, match="number of seeds must be >= 1, got 0"):
+    with raises_rendered(ValueError, "number of seeds must be >= 1, got 0"):
         parse_seeds("0")
-    with pytest.raises(UserError, match="count N .* or a comma-separated list of integers"):
+    with raises_rendered(ValueError, "count N .* or a comma-separated list of integers"):
         parse_seeds("a,b")
-    with pytest.raises(UserError, match="distinct integers"):
+    with raises_rendered(ValueError, "distinct integers"):
         parse_seeds("1,1")
 
 
@@ -272,7 +273,7 @@ def test_options_of_other_methods_are_dropped(fake: _FakeTraining, tmp_path: Pat
 
 
 def test_every_run_is_validated_before_training(fake: _FakeTraining, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--seed must be >= 0, got -1"):
+    with raises_rendered(SettingError, "--seed must be >= 0, got -1"):
         _compare(tmp_path, "l2", [0, -1])
     assert fake.calls == []
 
@@ -286,7 +287,7 @@ def test_refuses_to_reuse_a_run_with_other_settings(
     _compare(tmp_path, "l2", 1, base=_base(lr=0.01))
     _compare(tmp_path, "l2", 1, base=_base(lr=0.01, workers=0, device="cpu"))  # runtime only
     assert len(fake.calls) == 1
-    with pytest.raises(UserError, match=r"other settings \(lr: 0.01 there, 0.1 now\).*--out"):
+    with raises_rendered(SettingError, r"other settings \(lr: 0.01 there, 0.1 now\).*--out"):
         _compare(tmp_path, "l2", 1, base=_base(lr=0.1))
     assert len(fake.calls) == 1
 
@@ -435,7 +436,7 @@ def test_cli_compare_jobs_give_the_same_runs_as_one_process(
 
 
 def test_jobs_below_one_is_an_error(fake: _FakeTraining, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--jobs must be >= 1, got 0"):
+    with raises_rendered(SettingError, "--jobs must be >= 1, got 0"):
         run_compare(_base(), ["l2"], 1, tmp_path / "cmp", jobs=0)
 
 
@@ -476,3 +477,36 @@ def test_ctrl_c_stops_every_job_and_the_same_command_continues(tmp_path: Path) -
         lines = file.read_text().splitlines()
         assert len(lines) == 150
         assert lines[0] == first  # continued, not trained again from epoch 1
+
+
+def test_jobs_send_their_log_records_to_the_parents_handlers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A job's warning reaches the handlers of this process's ``deltaft`` logger (the CLI's)."""
+    import functools
+    import logging.handlers
+    import multiprocessing
+
+    from deltaft.app import compare
+    from deltaft.cli.console import configure_logging
+
+    log = logging.getLogger("deltaft")
+    level, handlers = log.level, list(log.handlers)
+    configure_logging(logging.INFO)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    listener = logging.handlers.QueueListener(queue, compare._ToLogger())
+    listener.start()
+    try:
+        with context.Pool(
+            1, initializer=compare._job_init, initargs=(1, logging.INFO, queue)
+        ) as pool:
+            warn = functools.partial(logging.Logger.warning, logging.getLogger("deltaft.app.x"))
+            pool.map(warn, ["from the job"])
+            info = functools.partial(logging.Logger.info, logging.getLogger("deltaft.app.x"))
+            pool.map(info, ["not shown: jobs send warnings and errors only"])
+    finally:
+        listener.stop()
+        log.setLevel(level)
+        log.handlers[:] = handlers
+    assert capsys.readouterr().err == "deltaft: warning: from the job\n"

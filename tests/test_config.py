@@ -4,9 +4,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from deltaft.app.config import DEFAULT_EPOCHS, TrainConfig, load_config
-from deltaft.app.errors import UserError
+from deltaft.app.config import DEFAULT_EPOCHS, RUNTIME_KEYS, TrainConfig, load_config
+from deltaft.app.config import REQUIRED as REQUIRED_KEYS
+from deltaft.app.errors import SettingError
+from tests.cli_support import raises_rendered
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"data": "imgs", "model": "resnet18", "out": "runs/x"}
@@ -101,7 +104,7 @@ def test_presets_exist() -> None:
     ],
 )
 def test_invalid_values_are_user_errors(changes: dict[str, Any], match: str) -> None:
-    with pytest.raises(UserError, match=match):
+    with raises_rendered(SettingError, match):
         _cfg(**changes)
 
 
@@ -111,14 +114,14 @@ def test_unknown_key_lists_the_valid_ones(tmp_path: Path) -> None:
     expected = (
         r"'alpah' \(did you mean 'alpha'\?\) in config file .*c\.yaml; valid settings: alpha, "
     )
-    with pytest.raises(UserError, match=expected):
+    with raises_rendered(ValueError, expected):
         load_config(path)
-    with pytest.raises(UserError, match=r"Unknown setting\(s\) 'nope'"):
+    with raises_rendered(ValueError, r"Unknown setting\(s\) 'nope'"):
         TrainConfig.from_sources({"nope": 1}, REQUIRED)
 
 
 def test_missing_required_settings() -> None:
-    with pytest.raises(UserError, match=r"Missing required setting\(s\) --data, --out"):
+    with raises_rendered(SettingError, r"Missing required setting\(s\) --data, --out"):
         TrainConfig.from_sources({"model": "resnet18"})
 
 
@@ -132,12 +135,12 @@ def test_missing_required_settings() -> None:
 def test_bad_yaml_files(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    with pytest.raises(UserError, match=match):
+    with raises_rendered(ValueError, match):
         load_config(path)
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"does not exist; check the --config path"):
+    with raises_rendered(SettingError, r"does not exist; check the --config path"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "empty.yaml").write_text("")
     assert load_config(tmp_path / "empty.yaml") == {}
@@ -147,3 +150,33 @@ def test_differences_ignore_runtime_settings() -> None:
     cfg = _cfg(workers=0, device="cpu", resume=True)
     stored = _cfg(workers=4, device="auto", alpha=0.1).to_dict()
     assert cfg.differences(stored) == {"alpha": (0.1, 0.01)}
+
+
+def test_default_yaml_states_every_default() -> None:
+    """configs/default.yaml holds every setting at its dataclass default, and nothing else."""
+    text = (ROOT / "configs" / "default.yaml").read_text()
+    stated = yaml.safe_load(text)
+    assert load_config(ROOT / "configs" / "default.yaml") == stated  # no unknown keys
+    defaults = TrainConfig(**REQUIRED).to_dict()  # epochs resolved to DEFAULT_EPOCHS
+    expected = {key: value for key, value in defaults.items() if key not in REQUIRED_KEYS}
+    assert stated == expected
+    assert TrainConfig.from_sources(stated, REQUIRED) == TrainConfig(**REQUIRED)
+
+
+def test_key_sets_derive_from_the_fields() -> None:
+    assert REQUIRED_KEYS == ("data", "model", "out")
+    assert {
+        "amp", "channels_last", "data_root", "device", "download", "out", "resume",
+        "source_mkldnn", "workers",
+    } == RUNTIME_KEYS  # fmt: skip
+
+
+def test_setting_errors_name_settings_not_flags() -> None:
+    with pytest.raises(SettingError) as info:
+        _cfg(epochs=2, iterations=5)
+    assert str(info.value) == (
+        "Give either epochs or iterations, not both (got epochs=2, iterations=5)."
+    )
+    assert info.value.settings == ("epochs", "iterations")
+    with pytest.raises(SettingError, match=r"^layers must name distinct modules, got \['a', 'a'\]"):
+        _cfg(layers=["a", "a"])

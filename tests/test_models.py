@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from deltaft.app import models as M
-from deltaft.app.errors import UserError
 from deltaft.app.models import build_model, offline_weight_file, read_state_dict
+from tests.cli_support import raises_rendered
 
 TV = torchvision.models
 
@@ -114,15 +114,15 @@ def test_timm_models() -> None:
     assert (
         bare.name == "resnet10t" and bare.input_size == bare_model.pretrained_cfg["input_size"][-1]
     )
-    with pytest.raises(UserError, match="Unknown timm model 'resnet18x'.*close matches: resnet18"):
+    with raises_rendered(ValueError, "Unknown timm model 'resnet18x'.*close matches: resnet18"):
         build_model("timm:resnet18x", weights="none")
 
 
 def test_timm_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
-    with pytest.raises(UserError, match=r"pip install 'deltaft\[timm\]'"):
+    with raises_rendered(ValueError, r"pip install 'deltaft\[timm\]'"):
         build_model("timm:resnet18", weights="none")
-    with pytest.raises(UserError, match=r"timm models need pip install 'deltaft\[timm\]'"):
+    with raises_rendered(ValueError, r"timm models need pip install 'deltaft\[timm\]'"):
         build_model("resnet10t", weights="none")
 
 
@@ -133,7 +133,7 @@ def test_timm_download_failure(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError("We couldn't connect to the Hub")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(UserError, match="could not download ImageNet weights for timm:resnet18"):
+    with raises_rendered(ValueError, "could not download ImageNet weights for timm:resnet18"):
         build_model("timm:resnet18")
 
 
@@ -161,12 +161,12 @@ def test_factory_without_num_classes_gets_new_head_and_scratch_resets() -> None:
     ],
 )
 def test_factory_errors(name: str, match: str) -> None:
-    with pytest.raises(UserError, match=match):
+    with raises_rendered(ValueError, match):
         build_model(name, weights="none")
 
 
 def test_unknown_name_lists_close_matches() -> None:
-    with pytest.raises(UserError, match="Unknown model 'resnet5O'; close matches: resnet50"):
+    with raises_rendered(ValueError, "Unknown model 'resnet5O'; close matches: resnet50"):
         build_model("resnet5O", weights="none")
 
 
@@ -180,7 +180,7 @@ def test_unknown_name_lists_close_matches() -> None:
     ],
 )
 def test_build_model_argument_errors(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(UserError, match=match):
+    with raises_rendered(ValueError, match):
         build_model("tests.test_models:plain_factory", **kwargs)
 
 
@@ -256,7 +256,7 @@ def test_weights_that_do_not_fit(tmp_path: Path) -> None:
     path = tmp_path / "other_model.pth"
     torch.save(state, path)
     pattern = r"do not fit TinyClassifier \(missing: conv.bias; unexpected: features.0.weight\)"
-    with pytest.raises(UserError, match=pattern):
+    with raises_rendered(ValueError, pattern):
         build_model(TINY, weights=str(path))
 
 
@@ -266,7 +266,7 @@ def test_weights_with_wrong_shapes(tmp_path: Path) -> None:
     state["conv.weight"] = torch.zeros(8, 3, 3, 3)
     path = tmp_path / "bad_shape.pt"
     torch.save(state, path)
-    with pytest.raises(UserError, match=r"shape: conv.weight \(8, 3, 3, 3\) vs \(4, 3, 3, 3\)"):
+    with raises_rendered(ValueError, r"shape: conv.weight \(8, 3, 3, 3\) vs \(4, 3, 3, 3\)"):
         build_model(TINY, weights=str(path))
 
 
@@ -284,7 +284,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"model": {"fc.weight": _Touch(marker)}}, path)
-    with pytest.raises(UserError, match="refusing to load .*evil.pth: it is not a plain weights"):
+    with raises_rendered(ValueError, "refusing to load .*evil.pth: it is not a plain weights"):
         build_model(TINY, weights=str(path))
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
@@ -308,7 +308,7 @@ def test_unreadable_weights_files(tmp_path: Path, content: Any, name: str, match
         path.write_bytes(content)
     elif content is not None:
         torch.save(content, path)
-    with pytest.raises(UserError, match=match):
+    with raises_rendered(ValueError, match):
         read_state_dict(path)
 
 
@@ -343,7 +343,7 @@ def test_model_without_imagenet_weights(monkeypatch: pytest.MonkeyPatch) -> None
         raise ValueError(f"no weights for {name}")
 
     monkeypatch.setattr(torchvision.models, "get_model_weights", no_weights)
-    with pytest.raises(UserError, match="torchvision has no ImageNet weights for resnet18"):
+    with raises_rendered(ValueError, "torchvision has no ImageNet weights for resnet18"):
         build_model("resnet18")
     _, info = build_model("resnet18", weights="none")
     assert info.input_size == 224  # defaults when there is no weights metadata
@@ -364,7 +364,7 @@ def test_no_network_is_a_user_error(
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(enum, "get_state_dict", offline)
-    with pytest.raises(UserError, match=match):
+    with raises_rendered(ValueError, match):
         build_model(name)
 
 
@@ -401,8 +401,8 @@ def test_offline_weights_with_wrong_hash(
 ) -> None:
     path, _ = fake_offline_file
     monkeypatch.setitem(M.OFFLINE_WEIGHTS, "mobilenet_v2", (path.name, "0" * 64))
-    with pytest.raises(
-        UserError, match=r"have sha256 [0-9a-f]{64}, expected 0{64}; delete that file or reinstall"
+    with raises_rendered(
+        ValueError, r"have sha256 [0-9a-f]{64}, expected 0{64}; delete that file or reinstall"
     ):
         build_model("mobilenet_v2")
 

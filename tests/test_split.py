@@ -15,9 +15,15 @@ from PIL import Image
 
 from deltaft.app import split as S
 from deltaft.app.data import ImageFolder, build_datasets
-from deltaft.app.errors import UserError
+from deltaft.app.errors import SettingError
 from deltaft.app.split import SplitResult, split_per_class
-from tests.cli_support import one_thread, restore_logging, run_main  # noqa: F401 (autouse fixtures)
+from deltaft.cli.options import message as cli_message
+from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    one_thread,
+    raises_rendered,
+    restore_logging,
+    run_main,
+)
 
 COUNTS = {"001.ak47": 7, "002.bat": 6, "003.cake": 8, "257.clutter": 5}
 
@@ -188,7 +194,7 @@ def test_source_is_untouched(src: Path, tmp_path: Path) -> None:
     before = _snapshot(src)
     for link in ("symlink", "hardlink", "copy"):
         _split(src, tmp_path / link, link=link)
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         _split(src, tmp_path / "too-many", train_per_class=50)
     assert _snapshot(src) == before
 
@@ -247,7 +253,7 @@ def test_hardlink_across_file_systems_says_what_to_use(
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(S.os, "link", cross_device)
-    with pytest.raises(UserError, match="--link symlink or --link copy"):
+    with raises_rendered(SettingError, "--link symlink or --link copy"):
         _split(src, tmp_path / "dst", link="hardlink")
     assert not (tmp_path / "dst").exists()
 
@@ -272,16 +278,17 @@ def test_hardlink_across_file_systems_says_what_to_use(
     ],
 )
 def test_argument_errors(src: Path, tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
-    with pytest.raises(UserError, match=match):
+    with raises_rendered(ValueError, match):
         _split(src, tmp_path / "dst", **kwargs)
     assert not (tmp_path / "dst").exists()
 
 
 def test_too_few_images_lists_classes_and_says_what_to_do(tmp_path: Path) -> None:
     src = _source(tmp_path / "src", {f"c{i}": i for i in range(1, 9)} | {"full": 9})
-    with pytest.raises(UserError) as info:
+    with pytest.raises(ValueError) as info:
         _split(src, tmp_path / "dst", train_per_class=6, test_per_class=3)
-    message = str(info.value)
+    assert isinstance(info.value, SettingError)
+    message = cli_message(info.value)  # as the command line prints it
     assert message.startswith("8 class(es) have fewer than 9 images (train 6 + test 3): ")
     assert "c1 (1), c2 (2), c3 (3), c4 (4), c5 (5) and 3 more" in message
     assert "c6" not in message and "full" not in message
@@ -289,7 +296,7 @@ def test_too_few_images_lists_classes_and_says_what_to_do(tmp_path: Path) -> Non
 
 
 def test_too_few_images_after_exclude(src: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"1 class\(es\) .*: 257\.clutter \(5\);"):
+    with raises_rendered(ValueError, r"1 class\(es\) .*: 257\.clutter \(5\);"):
         _split(src, tmp_path / "dst", train_per_class=4, test_per_class=2)
     assert _split(
         src, tmp_path / "dst", train_per_class=4, test_per_class=2, exclude=["257.clutter"]
@@ -311,7 +318,7 @@ def test_source_errors(tmp_path: Path, layout: str, match: str) -> None:
     elif layout == "no_classes":
         src.mkdir()
         _png(src / "loose.png", 0)
-    with pytest.raises(ValueError, match=match):
+    with raises_rendered(FileNotFoundError if layout == "missing" else ValueError, match):
         _split(src, tmp_path / "dst")
 
 
@@ -325,7 +332,7 @@ def test_destination_inside_source_is_refused(src: Path, tmp_path: Path, where: 
         "through_a_symlink": tmp_path / "alias" / "split",
     }[where]
     before = _snapshot(src)
-    with pytest.raises(UserError, match="is inside the source folder .*pick a folder outside it"):
+    with raises_rendered(ValueError, "is inside the source folder .*pick a folder outside it"):
         _split(src, dst)
     assert _snapshot(src) == before
 
@@ -335,11 +342,11 @@ def test_non_empty_destination_is_refused_and_kept(src: Path, tmp_path: Path) ->
     (dst / "train").mkdir(parents=True)
     (dst / "mine.txt").write_text("keep me")
     before = _snapshot(dst)
-    with pytest.raises(UserError, match="exists and is not empty; pick another folder"):
+    with raises_rendered(ValueError, "exists and is not empty; pick another folder"):
         _split(src, dst)
     assert _snapshot(dst) == before and (dst / "mine.txt").read_text() == "keep me"
     done = _split(src, tmp_path / "done")
-    with pytest.raises(UserError, match="exists and is not empty"):  # a finished split too
+    with raises_rendered(ValueError, "exists and is not empty"):  # a finished split too
         _split(src, done.dst)
 
 
@@ -353,7 +360,7 @@ def test_destination_that_is_no_folder_is_refused(src: Path, tmp_path: Path, kin
         (tmp_path / "elsewhere").mkdir()
         dst.symlink_to(tmp_path / "elsewhere")
         match = "is a symbolic link"
-    with pytest.raises(UserError, match=match):
+    with raises_rendered(ValueError, match):
         _split(src, dst)
 
 

@@ -10,10 +10,10 @@ new.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
+import logging.handlers
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from deltaft.app.errors import UserError, argparse_type
+from deltaft.app.errors import SettingError, literal
 from deltaft.app.plots import plot_compare
 from deltaft.app.tracking import RunDir
 from deltaft.objective import METHODS
@@ -37,8 +37,6 @@ __all__ = [
     "CompareResult",
     "CompareRow",
     "RunResult",
-    "add_parser",
-    "add_seeds_and_jobs_arguments",
     "parse_methods",
     "parse_seeds",
     "run_compare",
@@ -255,7 +253,7 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     """Validate a comma-separated list (or a sequence) of methods to compare.
 
     Raises:
-        UserError: empty, unknown or repeated names.
+        ValueError: empty, unknown or repeated names.
 
     Example:
         >>> parse_methods("l2, delta,scratch")
@@ -265,14 +263,14 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     methods = [name.strip() for name in names if name.strip()]
     unknown = [m for m in methods if m not in COMPARE_METHODS]
     if not methods or unknown:
-        raise UserError(
+        raise ValueError(
             f"Unknown method(s) {unknown or text!r}: expected a comma-separated list of "
             f"{', '.join(COMPARE_METHODS)} ('scratch' is l2 from random weights), "
             "e.g. l2,l2sp,delta."
         )
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
-        raise UserError(f"Method(s) {', '.join(repeated)} given more than once in {text!r}.")
+        raise ValueError(f"Method(s) {', '.join(repeated)} given more than once in {text!r}.")
     return methods
 
 
@@ -282,7 +280,7 @@ def parse_seeds(value: str | int | Sequence[int]) -> list[int]:
     A single number is a count: ``"3"`` means seeds 0, 1, 2; write ``"3,"`` for seed 3 alone.
 
     Raises:
-        UserError: a count below 1, a non-integer or a repeated seed.
+        ValueError: a count below 1, a non-integer or a repeated seed.
 
     Example:
         >>> parse_seeds("3"), parse_seeds("0,7,42"), parse_seeds(2)
@@ -293,18 +291,18 @@ def parse_seeds(value: str | int | Sequence[int]) -> list[int]:
         try:
             numbers = [int(p) for p in parts if p]
         except ValueError:
-            raise UserError(
+            raise ValueError(
                 f"Seeds must be a count N (seeds 0..N-1) or a comma-separated list of integers, "
                 f"got {value!r}; e.g. 3 or 0,1,2."
             ) from None
         value = numbers[0] if "," not in value and len(numbers) == 1 else numbers
     if isinstance(value, int):
         if value < 1:
-            raise UserError(f"The number of seeds must be >= 1, got {value}.")
+            raise ValueError(f"The number of seeds must be >= 1, got {value}.")
         return list(range(value))
     seeds = [int(s) for s in value]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"Seeds must be a non-empty list of distinct integers, got {seeds}.")
+        raise ValueError(f"Seeds must be a non-empty list of distinct integers, got {seeds}.")
     return seeds
 
 
@@ -334,11 +332,11 @@ def _read_summary(path: Path) -> dict[str, Any]:
     try:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise UserError(
+        raise ValueError(
             f"Cannot reuse {path}: {error}. Delete its run folder to train that run again."
         ) from error
     if not isinstance(summary, dict):
-        raise UserError(f"{path} is not a run summary (a JSON object); delete its run folder.")
+        raise ValueError(f"{path} is not a run summary (a JSON object); delete its run folder.")
     return summary
 
 
@@ -352,9 +350,10 @@ def _check_reusable(summary: Mapping[str, Any], cfg: TrainConfig, run_dir: Path)
     for key in ("method", "seed"):
         want, got = getattr(cfg, key), summary.get(key)
         if got is not None and got != want:
-            raise UserError(
-                f"{run_dir} holds a run with {key} {got!r}, but this comparison needs {key} "
-                f"{want!r} there; use another --out folder or delete that run folder."
+            raise SettingError(
+                f"{literal(run_dir)} holds a run with {key} {literal(repr(got))}, but this "
+                f"comparison needs {key} {literal(repr(want))} there; use another {{out}} folder "
+                "or delete that run folder."
             )
     stored = summary.get("config")
     stored_path = run_dir / "config.yaml"
@@ -362,7 +361,7 @@ def _check_reusable(summary: Mapping[str, Any], cfg: TrainConfig, run_dir: Path)
         try:
             stored = yaml.safe_load(stored_path.read_text())
         except (OSError, yaml.YAMLError) as error:
-            raise UserError(
+            raise ValueError(
                 f"Cannot read {stored_path} ({error}) to check that the run can be reused; "
                 "delete that run folder to train it again."
             ) from error
@@ -371,9 +370,10 @@ def _check_reusable(summary: Mapping[str, Any], cfg: TrainConfig, run_dir: Path)
         listed = ", ".join(
             f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differences.items()
         )
-        raise UserError(
-            f"{run_dir} holds a finished run with other settings ({listed}); use another --out "
-            "folder for these settings, or delete that run folder to train it again."
+        raise SettingError(
+            f"{literal(run_dir)} holds a finished run with other settings ({literal(listed)}); "
+            "use another {out} folder for these settings, or delete that run folder to train it "
+            "again."
         )
 
 
@@ -385,9 +385,9 @@ def _run_result(
         if accuracy is not None:
             break
     else:
-        raise UserError(
-            f"The run in {run_dir} reports neither a test nor a validation accuracy; give the "
-            "data a test/ or val/ folder, or a validation split (--val-split)."
+        raise SettingError(
+            f"The run in {literal(run_dir)} reports neither a test nor a validation accuracy; "
+            "give the data a test/ or val/ folder, or a validation split ({val_split})."
         )
     return RunResult(
         method=method,
@@ -400,15 +400,20 @@ def _run_result(
     )
 
 
-class _JobFormatter(logging.Formatter):
-    """``deltaft: warning: ...``, as the command line writes its warnings."""
+class _ToLogger(logging.Handler):
+    """Hands a record from a job's process to the logger of its name in this process.
 
-    def format(self, record: logging.LogRecord) -> str:
-        return f"deltaft: {record.levelname.lower()}: {record.getMessage()}"
+    Records reach whatever handlers the caller installed on the ``deltaft`` logger (the command
+    line's), so jobs' warnings look like this process's; the application installs none.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
 
 
-def _job_init(threads: int, level: int) -> None:
-    """A compare job's process: its torch threads, warnings to stderr, Ctrl-C left to the parent."""
+def _job_init(threads: int, level: int, queue: Any) -> None:
+    """A compare job's process: its torch threads, its log records sent to the parent through
+    ``queue``, Ctrl-C left to the parent."""
     import signal
 
     import torch
@@ -416,10 +421,8 @@ def _job_init(threads: int, level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     package = logging.getLogger("deltaft")
-    if not package.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(_JobFormatter())
-        package.addHandler(handler)
+    package.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    package.propagate = False
     package.setLevel(max(level, logging.WARNING))
 
 
@@ -444,8 +447,12 @@ def _train_in_jobs(
     threads = max(1, torch.get_num_threads() // jobs)
     level = logging.getLogger("deltaft").getEffectiveLevel()
     logger.info("compare: %d runs, %d at once, %d torch thread(s) each", len(todo), jobs, threads)
-    pool = multiprocessing.get_context("spawn").Pool(
-        min(jobs, len(todo)), initializer=_job_init, initargs=(threads, level)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    listener = logging.handlers.QueueListener(queue, _ToLogger())
+    listener.start()
+    pool = context.Pool(
+        min(jobs, len(todo)), initializer=_job_init, initargs=(threads, level, queue)
     )
     try:
         jobs_in_order = [(index, cfg) for index, (_, _, cfg) in enumerate(todo)]
@@ -466,6 +473,7 @@ def _train_in_jobs(
     finally:
         pool.terminate()  # at once on an error or Ctrl-C; a finished pool has nothing left
         pool.join()
+        listener.stop()  # after the jobs: every record they sent is handled
 
 
 def run_compare(
@@ -507,14 +515,16 @@ def run_compare(
             ``max(1, torch.get_num_threads() // jobs)`` torch threads, so that two jobs on two
             cores do not fight over them. A run gives the same result in a job as in-process
             with that thread count. Each finished run is logged in one line; warnings still
-            show. Ctrl-C stops every job; the next call continues the unfinished runs.
+            show (each job sends its log records to this process's ``deltaft`` loggers).
+            Ctrl-C stops every job; the next call continues the unfinished runs.
 
     Returns:
         A :class:`CompareResult`; ``result.table_markdown()`` is the table.
 
     Raises:
-        UserError: an unknown or repeated method, bad seeds or settings, or a finished run in
-            ``out`` trained with another method, seed or settings.
+        ValueError: an unknown or repeated method, bad seeds or settings (a
+            :class:`~deltaft.app.errors.SettingError`), or a finished run in ``out`` trained
+            with another method, seed or settings.
     """
     from deltaft.app.train import run_training
 
@@ -528,7 +538,7 @@ def run_compare(
         for seed in seed_list
     ]
     if jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {jobs}.")
+        raise SettingError(f"{{jobs}} must be >= 1, got {jobs}.")
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, int], RunResult] = {}
     todo: list[tuple[str, int, TrainConfig]] = []
@@ -558,112 +568,3 @@ def run_compare(
     files = {name: path for name, path in result.write().items() if path is not None}
     logger.info("compare: wrote %s", ", ".join(str(p) for p in files.values()))
     return dataclasses.replace(result, files=files)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-_PER_RUN_FLAGS = {
-    "--method": "compare sets the method of each run: use --methods l2,delta (a comma list)",
-    "--seed": "compare sets the seed of each run: use --seeds 3 (seeds 0..2) or --seeds 0,7,42",
-    "--resume": "compare always continues: finished runs are reused, interrupted ones resumed",
-}
-
-
-class _Refuse(argparse.Action):
-    """A flag of ``deltaft train`` that ``compare`` sets per run: an error that says what to use."""
-
-    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.hint = hint
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        raise argparse.ArgumentError(self, f"not an option of compare; {self.hint}.")
-
-
-def add_seeds_and_jobs_arguments(
-    parser: argparse.ArgumentParser, *, jobs: int, jobs_note: str
-) -> None:
-    """``--seeds`` and ``--jobs``, as ``compare`` and ``demo`` both take them."""
-    parser.add_argument(
-        "--seeds",
-        type=argparse_type(parse_seeds),
-        default=[0, 1, 2],
-        help="a count N (seeds 0..N-1) or a comma-separated list of seeds (default: 3)",
-    )
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=jobs,
-        metavar="N",
-        help=(
-            "runs trained at once, each in its own process with threads/N torch threads "
-            f"(default: {jobs}, {jobs_note})"
-        ),
-    )
-
-
-def add_parser(subparsers: Any) -> None:
-    """Add the ``compare`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result).
-
-    Its options are ``--methods``, ``--seeds`` and every option of ``deltaft train`` from
-    :func:`deltaft.cli.add_train_arguments`, with ``--out`` naming the comparison folder. The
-    comparison sets ``--method``, ``--seed`` and ``--resume`` per run: given, they are errors
-    that say what to use instead.
-    """
-    from deltaft.cli import add_train_arguments
-
-    parser = subparsers.add_parser(
-        "compare",
-        help="train several methods on the same data and seeds; print a table, write a plot",
-        description=(
-            "Train every method with every seed on the same data (runs in OUT/<method>-seed<seed>, "
-            "reused when finished, so an interrupted comparison continues), then print a markdown "
-            "table of accuracy (mean ± std over seeds) and write OUT/compare.md, compare.json and "
-            "compare.png."
-        ),
-    )
-    parser.add_argument(
-        "--methods",
-        type=argparse_type(parse_methods),
-        default=["l2", "l2sp", "delta"],
-        help=(
-            f"comma-separated methods out of {', '.join(COMPARE_METHODS)}; 'scratch' is l2 from "
-            "random weights (default: l2,l2sp,delta)"
-        ),
-    )
-    add_seeds_and_jobs_arguments(parser, jobs=1, jobs_note="in this process")
-    add_train_arguments(parser)
-    for action in parser._actions:  # argparse has no public way to reword an added option
-        if action.dest == "out":
-            action.metavar = "OUT"
-            action.help = "comparison folder: one run folder per method and seed, compare.*"
-    # Without these, argparse would read --method / --seed as abbreviations of --methods / --seeds.
-    for flag, hint in _PER_RUN_FLAGS.items():
-        parser.add_argument(flag, nargs="?", action=_Refuse, help=argparse.SUPPRESS, hint=hint)
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    """``deltaft compare``: run the comparison, print the table and where the files are."""
-    from deltaft.cli import config_from_args
-
-    base = config_from_args(args)  # --out may come from a --config file
-    result = run_compare(
-        base,
-        args.methods,
-        args.seeds,
-        base.out,
-        progress=getattr(args, "progress", None),
-        jobs=args.jobs,
-    )
-    print(result.table_markdown())
-    for path in result.files.values():
-        print(f"wrote {path}")
-    return 0

@@ -25,55 +25,50 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 
-from deltaft.app.errors import UserError
+from deltaft.app.data import Preset
+from deltaft.app.errors import SettingError, literal
+from deltaft.attention import BatchNormMode
+from deltaft.attention import Method as AttentionMethod
+from deltaft.engine import Amp
 from deltaft.objective import Method
+from deltaft.regularizers.functional import Reduction
 
 __all__ = [
     "DEFAULT_EPOCHS",
+    "EXCLUSIVE",
+    "REQUIRED",
     "RUNTIME_KEYS",
     "TrainConfig",
-    "flag_name",
     "load_config",
 ]
 
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "exponential", "cosine"]
-Preset = Literal["default", "paper"]
-Amp = Literal["none", "bf16", "fp16"]
-BatchNormMode = Literal["adapt", "frozen"]
-Reduction = Literal["sum", "mean"]
 SourceBN = Literal["running", "batch"]
-AttentionMethod = Literal["exact", "reference", "taylor"]
 
 DEFAULT_EPOCHS = 10
-# Settings that change how a run executes but not what it computes (up to float round-off):
-# they may differ between a run and its --resume.
-RUNTIME_KEYS: frozenset[str] = frozenset(
-    {
-        "amp",
-        "channels_last",
-        "data_root",
-        "device",
-        "download",
-        "out",
-        "resume",
-        "source_mkldnn",
-        "workers",
-    }
-)
-_REQUIRED = ("data", "model", "out")
+# Pairs of settings of which a run takes one at most; a later source that sets one drops the other.
+EXCLUSIVE: tuple[tuple[str, str], ...] = (("epochs", "iterations"), ("per_class", "fraction"))
 
 
-def flag_name(key: str) -> str:
-    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
-    return "--" + key.replace("_", "-")
+def _meta(help: str, *, metavar: str | None = None, runtime: bool = False) -> dict[str, Any]:
+    """A field's metadata: its help text, its command-line metavar, whether it is a runtime key.
+
+    ``help`` is a template: ``{name}`` names another setting (the command line writes ``--name``)
+    and ``{default}`` the field's default; without ``(default`` in it and with a default that is
+    neither ``None`` nor a bool, the command line appends ``(default: X)``. ``runtime`` marks
+    settings that change how a run executes but not what it computes (up to float round-off):
+    they may differ between a run and its resume (:data:`RUNTIME_KEYS`).
+    """
+    return {"help": help, "metavar": metavar, "runtime": runtime}
 
 
 @dataclass
 class TrainConfig:
     """Every setting of ``deltaft train``; each field is the flag of the same name.
 
-    Validated on construction (:class:`~deltaft.app.errors.UserError` names the flag and the fix).
+    Validated on construction (:class:`~deltaft.app.errors.SettingError` names the setting and
+    the fix). Each field's ``metadata`` holds its command-line help and metavar.
     Values are coerced where YAML is ambiguous: ``"1e-4"`` (a string to YAML) becomes a float,
     ``"a,b"`` a list of layers.
 
@@ -134,70 +129,164 @@ class TrainConfig:
         data_root: where ``tv:NAME`` datasets live.
     """
 
-    data: str
-    model: str
-    out: str
-    weights: str = "imagenet"
-    method: Method = "delta"
-    alpha: float = 0.01
-    beta: float = 0.01
-    lr: float = 0.01
-    head_lr: float | None = None
-    momentum: float = 0.9
-    optimizer: Optimizer = "sgd"
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    epochs: int | None = None
-    iterations: int | None = None
-    schedule: Schedule = "step"
-    step_at: float = 2 / 3
-    lr_gamma: float = 0.1
-    image_size: int | None = None
-    preset: Preset = "default"
-    hflip: float = 0.5
-    crop_scale: float | None = None
-    per_class: int | None = None
-    fraction: float | None = None
-    val_split: float = 0.0
-    layers: list[str] | None = None
-    attention: str | None = None
-    attention_epochs: int = 10
-    attention_batches: int = 4
-    attention_method: AttentionMethod = "exact"
-    temperature: float = 5.0
-    bn: BatchNormMode = "adapt"
-    reduction: Reduction = "sum"
-    source_bn: SourceBN = "running"
-    source_mkldnn: bool = False
-    head: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: Amp = "none"
-    channels_last: bool = False
-    workers: int = 2
-    resume: bool = False
-    download: bool = False
-    data_root: str | None = field(default=None)
+    data: str = field(
+        metadata=_meta(
+            "image folder (DIR/train/<class>/*, optional DIR/val, DIR/test; or DIR/<class>/*) "
+            "or tv:NAME (a torchvision dataset, e.g. tv:Flowers102)",
+            metavar="DIR",
+        )
+    )
+    model: str = field(
+        metadata=_meta("torchvision or timm model name, or pkg.module:factory", metavar="NAME")
+    )
+    out: str = field(
+        metadata=_meta(
+            "run directory (must be new unless {resume})", metavar="RUN_DIR", runtime=True
+        )
+    )
+    weights: str = field(
+        default="imagenet",
+        metadata=_meta(
+            "source weights: imagenet, none (random) or a weight file",
+            metavar="{imagenet,none,PATH}",
+        ),
+    )
+    method: Method = field(default="delta", metadata=_meta("regularization method"))
+    alpha: float = field(default=0.01, metadata=_meta("strength of the feature-map / L2-SP term"))
+    beta: float = field(default=0.01, metadata=_meta("strength of the new head's L2 term"))
+    lr: float = field(default=0.01, metadata=_meta("learning rate"))
+    head_lr: float | None = field(
+        default=None, metadata=_meta("learning rate of the new head (default: {lr})")
+    )
+    momentum: float = field(default=0.9, metadata=_meta("SGD momentum"))
+    optimizer: Optimizer = field(default="sgd", metadata=_meta("optimizer"))
+    weight_decay: float = field(default=1e-4, metadata=_meta("weight decay of method l2"))
+    batch_size: int = field(default=32, metadata=_meta("images per step, per process"))
+    epochs: int | None = field(default=None, metadata=_meta(f"epochs (default: {DEFAULT_EPOCHS})"))
+    iterations: int | None = field(
+        default=None, metadata=_meta("optimizer steps in total, instead of {epochs}")
+    )
+    schedule: Schedule = field(
+        default="step",
+        metadata=_meta("per-step lr schedule (default: {default}, x lr-gamma at {step_at})"),
+    )
+    step_at: float = field(
+        default=2 / 3, metadata=_meta("fraction of training where 'step' decays (default 2/3)")
+    )
+    lr_gamma: float = field(default=0.1, metadata=_meta("lr decay factor of step/exponential"))
+    image_size: int | None = field(
+        default=None, metadata=_meta("image side in pixels (default: the model's)")
+    )
+    preset: Preset = field(
+        default="default",
+        metadata=_meta("transforms: the model's pretrained config, or the paper's protocol"),
+    )
+    hflip: float = field(
+        default=0.5,
+        metadata=_meta(
+            "probability of the training flip (default: {default}; 0 for digits or text)",
+            metavar="P",
+        ),
+    )
+    crop_scale: float | None = field(
+        default=None,
+        metadata=_meta(
+            "smallest area share of the default preset's random crop (default: 0.25)",
+            metavar="S",
+        ),
+    )
+    per_class: int | None = field(
+        default=None, metadata=_meta("keep N training images per class", metavar="N")
+    )
+    fraction: float | None = field(
+        default=None, metadata=_meta("keep this fraction of each class", metavar="F")
+    )
+    val_split: float = field(
+        default=0.0,
+        metadata=_meta(
+            "hold out this fraction of the training set for validation (default: {default}, or "
+            "the data's val/ folder)",
+            metavar="F",
+        ),
+    )
+    layers: list[str] | None = field(
+        default=None,
+        metadata=_meta(
+            "regularized layers (default: last block of each stage; see `deltaft layers`)",
+            metavar="A,B,C",
+        ),
+    )
+    attention: str | None = field(
+        default=None, metadata=_meta("reuse a saved attention file (method delta)", metavar="FILE")
+    )
+    attention_epochs: int = field(default=10, metadata=_meta("epochs of the attention head"))
+    attention_batches: int = field(default=4, metadata=_meta("batches the attention scores use"))
+    attention_method: AttentionMethod = field(
+        default="exact",
+        metadata=_meta("channel scoring: exact, reference loop, or taylor (approximate)"),
+    )
+    temperature: float = field(default=5.0, metadata=_meta("attention softmax temperature"))
+    bn: BatchNormMode = field(
+        default="adapt", metadata=_meta("BatchNorm while training the attention head")
+    )
+    reduction: Reduction = field(
+        default="sum",
+        metadata=_meta(
+            "batch reduction of the feature-map penalty (default: {default}, as the paper)"
+        ),
+    )
+    source_bn: SourceBN = field(
+        default="running",
+        metadata=_meta("frozen source's BatchNorm while training: running (paper) or batch stats"),
+    )
+    source_mkldnn: bool = field(
+        default=False,
+        metadata=_meta(
+            "CPU: run the frozen source with oneDNN-packed weights (faster ResNet steps, more "
+            "memory; default: off)",
+            runtime=True,
+        ),
+    )
+    head: str | None = field(
+        default=None,
+        metadata=_meta("dotted name of the classifier head (default: found)", metavar="NAME"),
+    )
+    seed: int = field(default=0, metadata=_meta("random seed"))
+    device: str = field(
+        default="auto", metadata=_meta("auto, cpu, cuda, cuda:N or mps", runtime=True)
+    )
+    amp: Amp = field(default="none", metadata=_meta("mixed precision on CUDA", runtime=True))
+    channels_last: bool = field(
+        default=False, metadata=_meta("NHWC memory format on CUDA", runtime=True)
+    )
+    workers: int = field(default=2, metadata=_meta("DataLoader worker processes", runtime=True))
+    resume: bool = field(
+        default=False,
+        metadata=_meta("continue the run in {out} from its last checkpoint", runtime=True),
+    )
+    download: bool = field(
+        default=False, metadata=_meta("let tv:NAME datasets download", runtime=True)
+    )
+    data_root: str | None = field(
+        default=None,
+        metadata=_meta("where tv:NAME datasets live", metavar="DIR", runtime=True),
+    )
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        for key in _REQUIRED:
+        for key in REQUIRED:
             if not getattr(self, key):
-                raise UserError(f"{flag_name(key)} must not be empty.")
-        if self.epochs is not None and self.iterations is not None:
-            raise UserError(
-                f"Give either --epochs or --iterations, not both (got epochs={self.epochs}, "
-                f"iterations={self.iterations})."
-            )
+                raise SettingError(f"{{{key}}} must not be empty.")
+        for one, other in EXCLUSIVE:
+            if getattr(self, one) is not None and getattr(self, other) is not None:
+                raise SettingError(
+                    f"Give either {{{one}}} or {{{other}}}, not both (got {one}="
+                    f"{getattr(self, one)}, {other}={getattr(self, other)})."
+                )
         if self.epochs is None and self.iterations is None:
             self.epochs = DEFAULT_EPOCHS
-        if self.per_class is not None and self.fraction is not None:
-            raise UserError(
-                f"Give either --per-class or --fraction, not both (got per_class="
-                f"{self.per_class}, fraction={self.fraction})."
-            )
         _at_least("alpha", self.alpha, 0.0)
         _at_least("beta", self.beta, 0.0)
         _at_least("weight_decay", self.weight_decay, 0.0)
@@ -223,16 +312,16 @@ class TrainConfig:
         if self.crop_scale is not None:
             _in_range("crop_scale", self.crop_scale, 0.0, 1.0, left_open=True)
             if self.preset == "paper":
-                raise UserError(
-                    "--crop-scale sets the default preset's RandomResizedCrop; the paper preset "
-                    "crops a fixed size. Drop --crop-scale or use --preset default."
+                raise SettingError(
+                    "{crop_scale} sets the default preset's RandomResizedCrop; the paper preset "
+                    "crops a fixed size. Drop {crop_scale} or use {preset} default."
                 )
         if self.layers is not None and (
             not self.layers or len(set(self.layers)) != len(self.layers)
         ):
-            raise UserError(
-                f"--layers must name distinct modules, got {self.layers}; e.g. --layers "
-                "layer1.2.conv3,layer2.3.conv3 (see `deltaft layers --model NAME`)."
+            raise SettingError(
+                f"{{layers}} must name distinct modules, got {literal(self.layers)}; e.g. "
+                "{layers} layer1.2.conv3,layer2.3.conv3 (see `deltaft layers --model NAME`)."
             )
         _at_least("attention_epochs", self.attention_epochs, 0)
         _at_least("attention_batches", self.attention_batches, 1)
@@ -243,8 +332,9 @@ class TrainConfig:
             try:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
-                raise UserError(
-                    f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps."
+                raise SettingError(
+                    f"{{device}} {literal(repr(self.device))} is not a device; use auto, cpu, "
+                    "cuda, cuda:N or mps."
                 ) from None
 
     # -- construction -------------------------------------------------------------------------
@@ -267,7 +357,7 @@ class TrainConfig:
         mean "not given" (they do not reset a setting).
 
         Raises:
-            UserError: an unknown key (the valid ones are listed), a missing required setting or
+            ValueError: an unknown key (the valid ones are listed), a missing required setting or
                 an invalid value.
         """
         merged: dict[str, Any] = {}
@@ -276,16 +366,16 @@ class TrainConfig:
                 continue
             values = _normalise_keys(source, origin)
             given = {k: v for k, v in values.items() if v is not None}
-            for pair in (("epochs", "iterations"), ("per_class", "fraction")):
+            for pair in EXCLUSIVE:
                 for key, other in (pair, pair[::-1]):
                     if key in given and other not in given:
                         merged.pop(other, None)
             merged.update(given)
-        missing = [flag_name(k) for k in _REQUIRED if merged.get(k) in (None, "")]
+        missing = [f"{{{k}}}" for k in REQUIRED if merged.get(k) in (None, "")]
         if missing:
-            raise UserError(
+            raise SettingError(
                 f"Missing required setting(s) {', '.join(missing)}; pass them as flags or in "
-                "--config FILE.yaml."
+                "{config} FILE.yaml."
             )
         return cls(**merged)
 
@@ -300,13 +390,16 @@ class TrainConfig:
         return header + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     def differences(
-        self, other: Mapping[str, Any], *, ignore: frozenset[str] = RUNTIME_KEYS
+        self, other: Mapping[str, Any], *, ignore: frozenset[str] | None = None
     ) -> dict[str, tuple[Any, Any]]:
         """``{key: (other's value, this value)}`` for each setting that differs, ``ignore`` aside.
+
+        ``ignore`` defaults to :data:`RUNTIME_KEYS`.
 
         ``other`` is a stored configuration (e.g. a checkpoint's); keys it lacks take this
         config's value, keys this version does not know are ignored.
         """
+        ignore = RUNTIME_KEYS if ignore is None else ignore
         mine = self.to_dict()
         theirs = {**mine, **_normalise_keys(other, "the stored configuration", strict=False)}
         return {
@@ -316,33 +409,44 @@ class TrainConfig:
         }
 
 
+# Derived from the fields, so that a setting is declared once.
+REQUIRED: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.default is dataclasses.MISSING
+)
+RUNTIME_KEYS: frozenset[str] = frozenset(
+    f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("runtime")
+)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML configuration file into a dict of settings (``yaml.safe_load``).
 
     Keys may use ``-`` or ``_`` (``batch-size`` = ``batch_size``). An empty file is ``{}``.
 
     Raises:
-        UserError: the file is missing or unreadable, is not YAML, is not a mapping, or has an
+        ValueError: the file is missing or unreadable, is not YAML, is not a mapping, or has an
             unknown key (the message lists the valid keys).
     """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"Config file {path} does not exist; check the --config path.") from None
+        raise SettingError(
+            f"Config file {literal(path)} does not exist; check the {{config}} path."
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"Config file {path} cannot be read: {error}.") from None
+        raise ValueError(f"Config file {path} cannot be read: {error}.") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(error, "problem", None) or type(error).__name__
-        raise UserError(f"Config file {path} is not valid YAML{at}: {problem}.") from None
+        raise ValueError(f"Config file {path} is not valid YAML{at}: {problem}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(
+        raise ValueError(
             f"Config file {path} must be a mapping of settings (key: value), got "
             f"{type(data).__name__}."
         )
@@ -370,7 +474,7 @@ def _normalise_keys(
         for key in unknown:
             close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise UserError(
+        raise ValueError(
             f"Unknown setting(s) {', '.join(hints)} in {origin}; valid settings: "
             f"{', '.join(sorted(valid))}."
         )
@@ -378,7 +482,7 @@ def _normalise_keys(
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """``value`` converted to the field type ``hint``, or a :class:`UserError`."""
+    """``value`` converted to the field type ``hint``, or a :class:`SettingError`."""
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(hint) if a is not type(None)]
@@ -388,8 +492,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
-            raise UserError(
-                f"{flag_name(name)} must be one of {', '.join(map(str, choices))}; got {value!r}."
+            raise SettingError(
+                f"{{{name}}} must be one of {', '.join(map(str, choices))}; "
+                f"got {literal(repr(value))}."
             )
         return value
     if origin is list:
@@ -397,7 +502,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{flag_name(name)} must be true or false, got {value!r}.")
+        raise SettingError(f"{{{name}}} must be true or false, got {literal(repr(value))}.")
     if hint is int:
         return _coerce_int(name, value)
     if hint is float:
@@ -405,7 +510,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, (str, Path)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"{flag_name(name)} must be a string, got {value!r}.")
+        raise SettingError(f"{{{name}}} must be a string, got {literal(repr(value))}.")
     raise TypeError(f"Unsupported field type {hint!r} for {name}.")  # a bug, not user input
 
 
@@ -419,7 +524,7 @@ def _coerce_int(name: str, value: Any) -> int:
             return int(value.strip())
         except ValueError:
             pass
-    raise UserError(f"{flag_name(name)} must be an integer, got {value!r}.")
+    raise SettingError(f"{{{name}}} must be an integer, got {literal(repr(value))}.")
 
 
 def _coerce_float(name: str, value: Any) -> float:
@@ -430,7 +535,7 @@ def _coerce_float(name: str, value: Any) -> float:
             return float(value.strip())
         except ValueError:
             pass
-    raise UserError(f"{flag_name(name)} must be a number, got {value!r}.")
+    raise SettingError(f"{{{name}}} must be a number, got {literal(repr(value))}.")
 
 
 def _coerce_list(name: str, value: Any) -> list[str]:
@@ -440,20 +545,22 @@ def _coerce_list(name: str, value: Any) -> list[str]:
     elif isinstance(value, (list, tuple)):
         items = [part.strip() if isinstance(part, str) else part for part in value]
     else:
-        raise UserError(f"{flag_name(name)} must be a list of names or 'a,b,c', got {value!r}.")
+        raise SettingError(
+            f"{{{name}}} must be a list of names or 'a,b,c', got {literal(repr(value))}."
+        )
     if not all(isinstance(part, str) and part for part in items):
-        raise UserError(f"{flag_name(name)} must be non-empty names, got {value!r}.")
+        raise SettingError(f"{{{name}}} must be non-empty names, got {literal(repr(value))}.")
     return items
 
 
 def _at_least(name: str, value: float, low: float) -> None:
     if not value >= low:  # also rejects NaN
-        raise UserError(f"{flag_name(name)} must be >= {low:g}, got {value}.")
+        raise SettingError(f"{{{name}}} must be >= {low:g}, got {value}.")
 
 
 def _above(name: str, value: float, low: float) -> None:
     if not value > low:
-        raise UserError(f"{flag_name(name)} must be > {low:g}, got {value}.")
+        raise SettingError(f"{{{name}}} must be > {low:g}, got {value}.")
 
 
 def _in_range(
@@ -469,4 +576,4 @@ def _in_range(
     ok_high = value < high if right_open else value <= high
     if not (ok_low and ok_high) or math.isnan(value):
         interval = f"{'(' if left_open else '['}{low:g}, {high:g}{')' if right_open else ']'}"
-        raise UserError(f"{flag_name(name)} must be in {interval}, got {value}.")
+        raise SettingError(f"{{{name}}} must be in {interval}, got {value}.")

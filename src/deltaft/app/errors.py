@@ -2,26 +2,28 @@
 
 The application is called from Python as well as from the command line, so its messages name
 settings by their parameter name (``lr``); :mod:`deltaft.cli` renders the same message with flags
-(``--lr``), in one place.
+(``--lr``), in one place. Other bad input is a plain ``ValueError``, a missing user-given file a
+``FileNotFoundError`` raised with a message only (no ``errno``), which the command line tells
+from a system error by that.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Callable
-from typing import Any
 
-__all__ = ["SettingError", "UserError", "argparse_type"]
+__all__ = ["SettingError", "literal"]
 
-_NAME = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+# "{{" and "}}" are literal braces; "{name}" is a setting.
+_NAME = re.compile(r"\{\{|\}\}|\{([a-z][a-z0-9_]*)\}")
 
 
 class SettingError(ValueError):
     """A setting has a value that cannot work; the message says which, and how to fix it.
 
-    The message is a template in which each ``{name}`` is a setting: ``str(error)`` writes the
-    parameter name, :meth:`render` whatever the caller wants (the command line: ``--name``).
+    The message is a template in which each ``{name}`` is a setting (``{{`` and ``}}`` are
+    literal braces): ``str(error)`` writes the parameter name, :meth:`render` whatever the caller
+    wants (the command line: ``--name``).
 
     Example:
         >>> error = SettingError("{lr} must be > 0, got -1.")
@@ -29,37 +31,31 @@ class SettingError(ValueError):
         ('lr must be > 0, got -1.', '--lr must be > 0, got -1.')
         >>> error.settings
         ('lr',)
+        >>> str(SettingError("{layers} must be names, got {{'a': 1}}."))
+        "layers must be names, got {'a': 1}."
     """
 
     def __init__(self, template: str) -> None:
         self.template = template
-        self.settings = tuple(dict.fromkeys(_NAME.findall(template)))
+        names = (match.group(1) for match in _NAME.finditer(template))
+        self.settings = tuple(dict.fromkeys(name for name in names if name))
         super().__init__(self.render(lambda key: key))
 
     def render(self, name: Callable[[str], str]) -> str:
         """The message with every ``{setting}`` written as ``name(setting)``."""
-        return _NAME.sub(lambda match: name(match.group(1)), self.template)
+
+        def replace(match: re.Match[str]) -> str:
+            key = match.group(1)
+            return match.group(0)[0] if key is None else name(key)
+
+        return _NAME.sub(replace, self.template)
 
 
-class UserError(ValueError):
-    """A problem with the user's input (paths, names, options).
+def literal(text: object) -> str:
+    """``str(text)`` escaped for a :class:`SettingError` template: its braces stay braces.
 
-    Being replaced by :class:`SettingError` (a setting) and plain ``ValueError`` (anything
-    else); the CLI prints both on one line and exits with status 2.
+    Example:
+        >>> str(SettingError(f"{{out}} {literal('runs/{a}')} exists."))
+        'out runs/{a} exists.'
     """
-
-
-def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Turn a parser's ``UserError`` into argparse's error (usage line, exit status 2).
-
-    Command-line plumbing; it moves to :mod:`deltaft.cli` with the subcommands' parsers.
-    """
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
+    return str(text).replace("{", "{{").replace("}", "}}")

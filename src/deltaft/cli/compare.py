@@ -1,0 +1,95 @@
+"""``deltaft compare``: train several methods on the same data and seeds; print a table."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from deltaft.app.compare import COMPARE_METHODS, parse_methods, run_compare
+from deltaft.cli.options import (
+    add_seeds_and_jobs_arguments,
+    add_train_arguments,
+    argparse_type,
+    config_from_args,
+)
+
+__all__ = ["add_parser", "run"]
+
+_PER_RUN_FLAGS = {
+    "--method": "compare sets the method of each run: use --methods l2,delta (a comma list)",
+    "--seed": "compare sets the seed of each run: use --seeds 3 (seeds 0..2) or --seeds 0,7,42",
+    "--resume": "compare always continues: finished runs are reused, interrupted ones resumed",
+}
+
+
+class _Refuse(argparse.Action):
+    """A flag of ``deltaft train`` that ``compare`` sets per run: an error that says what to use."""
+
+    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        raise argparse.ArgumentError(self, f"not an option of compare; {self.hint}.")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``compare`` to ``subparsers`` (``add_subparsers()``'s result).
+
+    Its options are ``--methods``, ``--seeds``, ``--jobs`` and every option of ``deltaft train``
+    but ``--method``, ``--seed`` and ``--resume``, with ``--out`` naming the comparison folder.
+    The comparison sets those three per run: given, they are errors that say what to use instead.
+    """
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "compare",
+        help="train several methods on the same data and seeds; print a table, write a plot",
+        description=(
+            "Train every method with every seed on the same data (runs in OUT/<method>-seed<seed>, "
+            "reused when finished, so an interrupted comparison continues), then print a markdown "
+            "table of accuracy (mean ± std over seeds) and write OUT/compare.md, compare.json and "
+            "compare.png."
+        ),
+    )
+    parser.add_argument(
+        "--methods",
+        type=argparse_type(parse_methods),
+        default=["l2", "l2sp", "delta"],
+        help=(
+            f"comma-separated methods out of {', '.join(COMPARE_METHODS)}; 'scratch' is l2 from "
+            "random weights (default: l2,l2sp,delta)"
+        ),
+    )
+    add_seeds_and_jobs_arguments(parser, jobs=1, jobs_note="in this process")
+    add_train_arguments(parser)
+    for action in parser._actions:  # argparse has no public way to reword an added option
+        if action.dest == "out":
+            action.metavar = "OUT"
+            action.help = "comparison folder: one run folder per method and seed, compare.*"
+    # Without these, argparse would read --method / --seed as abbreviations of --methods / --seeds.
+    for flag, hint in _PER_RUN_FLAGS.items():
+        parser.add_argument(flag, nargs="?", action=_Refuse, help=argparse.SUPPRESS, hint=hint)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison, print the table and where the files are."""
+    base = config_from_args(args)  # --out may come from a --config file
+    result = run_compare(
+        base,
+        args.methods,
+        args.seeds,
+        base.out,
+        progress=getattr(args, "progress", None),
+        jobs=args.jobs,
+    )
+    print(result.table_markdown())
+    for path in result.files.values():
+        print(f"wrote {path}")
+    return 0
