@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from deltaft import attention as attention_module
 from deltaft.attention import (
     ChannelAttention,
     attention_from_scores,
@@ -25,6 +24,9 @@ from deltaft.attention import (
     estimate_channel_attention,
     model_fingerprint,
 )
+from deltaft.attention import estimate as estimate_module
+from deltaft.attention import replay as replay_module
+from deltaft.attention import value as value_module
 from tests.reference import ref_attention_from_scores, ref_removal_scores
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -269,7 +271,7 @@ def test_failed_full_run_falls_back(
     def broken(self: object, x: Tensor) -> None:
         raise RuntimeError("unsupported op")
 
-    monkeypatch.setattr(attention_module._GraphReplay, "run", broken)
+    monkeypatch.setattr(replay_module.GraphReplay, "run", broken)
     batches = make_batches()
     expected = ref_removal_scores(copy.deepcopy(toy), batches, TOY_INNER)
     with caplog.at_level(logging.WARNING, logger="deltaft.attention"):
@@ -544,12 +546,10 @@ def test_unusable_model_output() -> None:
 
 def test_replay_shape_checks() -> None:
     mask = torch.ones(3, 1, 2, 1, 1)
-    with pytest.raises(attention_module._ReplayError, match=r"\(K\*B, C, H, W\) output with K = 3"):
-        attention_module._mask_replicas(torch.ones(4, 2, 1, 1), mask)
-    with pytest.raises(attention_module._ReplayError, match="logits have batch 4, expected 3 x 2"):
-        attention_module._replica_losses(
-            torch.ones(4, 5), torch.zeros(2, dtype=torch.long), 3, None
-        )
+    with pytest.raises(replay_module._ReplayError, match=r"\(K\*B, C, H, W\) output with K = 3"):
+        replay_module.mask_replicas(torch.ones(4, 2, 1, 1), mask)
+    with pytest.raises(replay_module._ReplayError, match="logits have batch 4, expected 3 x 2"):
+        replay_module.replica_losses(torch.ones(4, 5), torch.zeros(2, dtype=torch.long), 3, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -643,7 +643,7 @@ def test_save_overwrites_and_cleans_up_on_failure(
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(attention_module, "save", broken)
+    monkeypatch.setattr(value_module, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         make_attention("3333333333333333").save(path)
     assert os.listdir(tmp_path) == ["a.safetensors"]
@@ -771,7 +771,7 @@ def test_train_head_trains_only_the_head(bn: str) -> None:
     torch.manual_seed(0)
     source = settle(ResidualToy(), torch.float32)
     loader = Loader(make_batches(n=2, dtype=torch.float32, classes=3))
-    trained = attention_module._train_head(
+    trained = estimate_module._train_head(
         source,
         loader,
         3,
