@@ -147,7 +147,7 @@ def _replay_or_none(
             first_line(error),
         )
         progress.update(done - progress.n)  # the batched forwards score these channels again
-        del replay.plans[name]
+        replay.drop(name)
         return None
 
 

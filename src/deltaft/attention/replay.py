@@ -207,6 +207,14 @@ class GraphReplay:
                 del env[arg]
         return env[self.output], snaps
 
+    def drop(self, name: str) -> None:
+        """Stop replaying ``name``: forget its plan and stop caching what its replay reads."""
+        del self.plans[name]
+        for node, names in list(self.snap_after.items()):
+            self.snap_after[node] = [n for n in names if n != name]
+        for node, pairs in list(self.snap_before.items()):
+            self.snap_before[node] = [(n, arg) for n, arg in pairs if n != name]
+
     def peak_bytes(self, name: str) -> int:
         """Bytes of the largest value one replica of ``name``'s replay computes (last run)."""
         plan = self.plans[name]
