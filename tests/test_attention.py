@@ -8,6 +8,7 @@ import os
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar, cast
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torchvision
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from deltaft.attention import (
     ChannelAttention,
@@ -26,7 +28,9 @@ from deltaft.attention import (
 )
 from deltaft.attention import estimate as estimate_module
 from deltaft.attention import replay as replay_module
+from deltaft.attention import scores as scores_module
 from deltaft.attention import value as value_module
+from deltaft.layers import output_shapes, resolve_layers
 from tests.reference import ref_attention_from_scores, ref_removal_scores
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -380,6 +384,99 @@ def test_taylor_is_the_first_order_estimate(toy: ResidualToy) -> None:
         torch.testing.assert_close(got[name], expected)
     exact = channel_removal_scores(toy, batches, ["down.1"])
     assert torch.corrcoef(torch.stack([got["down.1"], exact["down.1"]]))[0, 1] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# channel_removal_scores: progress bar
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["exact", "reference", "taylor"])
+def test_progress_bar_only_when_asked(
+    toy: ResidualToy, capsys: pytest.CaptureFixture[str], method: str
+) -> None:
+    batches = make_batches()
+    quiet = channel_removal_scores(toy, batches, TOY_INNER, method=method)  # type: ignore[arg-type]
+    assert capsys.readouterr() == ("", "")  # the core prints nothing unless asked
+    loud = channel_removal_scores(toy, batches, TOY_INNER, method=method, progress=True)  # type: ignore[arg-type]
+    out, err = capsys.readouterr()
+    # (6 + 6 + 6 + 6 + 10) channels x 2 batches; the bar goes to stderr only
+    assert out == "" and "channel removal scores" in err and "/68" in err
+    for name in TOY_INNER:
+        assert torch.equal(quiet[name], loud[name])
+
+
+class _Counted(tqdm):
+    """A tqdm bar that records ``(n, total)`` when it closes."""
+
+    closed: ClassVar[list[tuple[float, float]]] = []
+
+    def close(self) -> None:
+        if not self.disable:
+            _Counted.closed.append((self.n, self.total))
+        super().close()
+
+
+def _final_counts(
+    monkeypatch: pytest.MonkeyPatch, model: nn.Module, layers: list[str], **kwargs: Any
+) -> tuple[float, float]:
+    monkeypatch.setattr(scores_module, "tqdm", _Counted)
+    _Counted.closed.clear()
+    channel_removal_scores(model, make_batches(), layers, progress=True, **kwargs)
+    (counts,) = _Counted.closed
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("cls", "layers"),
+    [
+        (ResidualToy, TOY_INNER),  # the fx replay
+        (Untraceable, TOY_INNER),  # batched full forwards
+        (UpstreamBatchSize, ["block.conv_a", "down"]),  # replay fails, then full forwards
+        (DeadBranch, ["side", "block.conv_a"]),  # a layer that does not reach the output
+    ],
+)
+def test_progress_counts_every_channel_once(
+    monkeypatch: pytest.MonkeyPatch, cls: type[nn.Module], layers: list[str]
+) -> None:
+    torch.manual_seed(0)
+    model = settle(cls())
+    channels = {name: s[1] for name, s in _probe(model, layers).items()}
+    n, total = _final_counts(monkeypatch, model, layers, chunk_size=4)
+    assert n == total == 2 * sum(channels.values())
+
+
+def test_progress_rolls_back_a_replay_that_fails_midway(
+    toy: ResidualToy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replay = replay_module.GraphReplay.replay
+    calls = []
+
+    def second_call_fails(self: Any, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("fails after one chunk")
+        return replay(self, *args)
+
+    monkeypatch.setattr(replay_module.GraphReplay, "replay", second_call_fails)
+    n, total = _final_counts(monkeypatch, toy, ["down.1"], chunk_size=4)
+    assert n == total == 2 * 10
+
+
+def _probe(model: nn.Module, layers: list[str]) -> dict[str, tuple[int, ...]]:
+    with torch.no_grad():
+        shapes = output_shapes(model, make_batches(n=1)[0][0], resolve_layers(model, layers))
+    return {name: cast(tuple[int, ...], shapes[name][0]) for name in layers}
+
+
+def test_estimate_passes_progress_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    source = settle(ResidualToy(), torch.float32)
+    batches = make_batches(n=2, dtype=torch.float32, classes=3)
+    estimate_channel_attention(source, batches, ["down"], 3, epochs=1)
+    assert capsys.readouterr() == ("", "")
+    estimate_channel_attention(source, batches, ["down"], 3, epochs=1, progress=True)
+    assert "channel removal scores" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
