@@ -177,22 +177,25 @@ def _probe_shapes(
                 f"Layer {name!r} was not called in the model's forward pass; choose a module "
                 "that runs on every input."
             )
-        for shape in outputs:
-            if not (isinstance(shape, tuple) and len(shape) == 4 and shape[0] == x.shape[0]):
-                got = shape if isinstance(shape, tuple) else shape.__name__
-                raise ValueError(
-                    f"Layer {name!r} must output a (B, C, H, W) tensor with B = {x.shape[0]}, "
-                    f"got {got}; choose a convolutional layer or block."
-                )
-        channels = {cast(tuple[int, ...], shape)[1] for shape in outputs}
-        if len(channels) > 1:
+        calls = [_as_bchw(name, shape, x.shape[0]) for shape in outputs]
+        if len({shape[1] for shape in calls}) > 1:
             raise ValueError(
-                f"Layer {name!r} is called {len(outputs)} times with different channel counts "
-                f"{[cast(tuple[int, ...], shape)[1] for shape in outputs]}; choose a module that "
-                "is called once."
+                f"Layer {name!r} is called {len(calls)} times with different channel counts "
+                f"{[shape[1] for shape in calls]}; choose a module that is called once."
             )
-        shapes[name] = cast(tuple[int, int, int, int], outputs[0])
+        shapes[name] = calls[0]
     return shapes
+
+
+def _as_bchw(name: str, shape: tuple[int, ...] | type, batch: int) -> tuple[int, int, int, int]:
+    """``shape`` if it is ``(batch, C, H, W)``, else a ``ValueError`` naming the layer."""
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[0] == batch):
+        got = shape if isinstance(shape, tuple) else shape.__name__
+        raise ValueError(
+            f"Layer {name!r} must output a (B, C, H, W) tensor with B = {batch}, "
+            f"got {got}; choose a convolutional layer or block."
+        )
+    return cast(tuple[int, int, int, int], shape)
 
 
 # ------------------------------------------------------------------------------------------------
