@@ -8,6 +8,7 @@ import os
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar, cast
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ import torchvision
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from deltaft import attention as attention_module
 from deltaft.attention import (
     ChannelAttention,
     attention_from_scores,
@@ -25,6 +26,11 @@ from deltaft.attention import (
     estimate_channel_attention,
     model_fingerprint,
 )
+from deltaft.attention import estimate as estimate_module
+from deltaft.attention import replay as replay_module
+from deltaft.attention import scores as scores_module
+from deltaft.attention import value as value_module
+from deltaft.layers import output_shapes, resolve_layers
 from tests.reference import ref_attention_from_scores, ref_removal_scores
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -260,6 +266,7 @@ def test_failed_replay_falls_back_per_layer(caplog: pytest.LogCaptureFixture) ->
     with caplog.at_level(logging.WARNING, logger="deltaft.attention"):
         got = channel_removal_scores(model, batches, ["block.conv_a"])
     assert "Replaying the layers downstream of 'block.conv_a'" in caplog.text
+    assert "Running the fx trace" not in caplog.text  # the next batch's run skips the dropped layer
     torch.testing.assert_close(got["block.conv_a"], expected["block.conv_a"], rtol=0, atol=1e-8)
 
 
@@ -269,7 +276,7 @@ def test_failed_full_run_falls_back(
     def broken(self: object, x: Tensor) -> None:
         raise RuntimeError("unsupported op")
 
-    monkeypatch.setattr(attention_module._GraphReplay, "run", broken)
+    monkeypatch.setattr(replay_module.GraphReplay, "run", broken)
     batches = make_batches()
     expected = ref_removal_scores(copy.deepcopy(toy), batches, TOY_INNER)
     with caplog.at_level(logging.WARNING, logger="deltaft.attention"):
@@ -377,6 +384,99 @@ def test_taylor_is_the_first_order_estimate(toy: ResidualToy) -> None:
         torch.testing.assert_close(got[name], expected)
     exact = channel_removal_scores(toy, batches, ["down.1"])
     assert torch.corrcoef(torch.stack([got["down.1"], exact["down.1"]]))[0, 1] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# channel_removal_scores: progress bar
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["exact", "reference", "taylor"])
+def test_progress_bar_only_when_asked(
+    toy: ResidualToy, capsys: pytest.CaptureFixture[str], method: str
+) -> None:
+    batches = make_batches()
+    quiet = channel_removal_scores(toy, batches, TOY_INNER, method=method)  # type: ignore[arg-type]
+    assert capsys.readouterr() == ("", "")  # the core prints nothing unless asked
+    loud = channel_removal_scores(toy, batches, TOY_INNER, method=method, progress=True)  # type: ignore[arg-type]
+    out, err = capsys.readouterr()
+    # (6 + 6 + 6 + 6 + 10) channels x 2 batches; the bar goes to stderr only
+    assert out == "" and "channel removal scores" in err and "/68" in err
+    for name in TOY_INNER:
+        assert torch.equal(quiet[name], loud[name])
+
+
+class _Counted(tqdm):
+    """A tqdm bar that records ``(n, total)`` when it closes."""
+
+    closed: ClassVar[list[tuple[float, float]]] = []
+
+    def close(self) -> None:
+        if not self.disable:
+            _Counted.closed.append((self.n, self.total))
+        super().close()
+
+
+def _final_counts(
+    monkeypatch: pytest.MonkeyPatch, model: nn.Module, layers: list[str], **kwargs: Any
+) -> tuple[float, float]:
+    monkeypatch.setattr(scores_module, "tqdm", _Counted)
+    _Counted.closed.clear()
+    channel_removal_scores(model, make_batches(), layers, progress=True, **kwargs)
+    (counts,) = _Counted.closed
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("cls", "layers"),
+    [
+        (ResidualToy, TOY_INNER),  # the fx replay
+        (Untraceable, TOY_INNER),  # batched full forwards
+        (UpstreamBatchSize, ["block.conv_a", "down"]),  # replay fails, then full forwards
+        (DeadBranch, ["side", "block.conv_a"]),  # a layer that does not reach the output
+    ],
+)
+def test_progress_counts_every_channel_once(
+    monkeypatch: pytest.MonkeyPatch, cls: type[nn.Module], layers: list[str]
+) -> None:
+    torch.manual_seed(0)
+    model = settle(cls())
+    channels = {name: s[1] for name, s in _probe(model, layers).items()}
+    n, total = _final_counts(monkeypatch, model, layers, chunk_size=4)
+    assert n == total == 2 * sum(channels.values())
+
+
+def test_progress_rolls_back_a_replay_that_fails_midway(
+    toy: ResidualToy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replay = replay_module.GraphReplay.replay
+    calls = []
+
+    def second_call_fails(self: Any, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("fails after one chunk")
+        return replay(self, *args)
+
+    monkeypatch.setattr(replay_module.GraphReplay, "replay", second_call_fails)
+    n, total = _final_counts(monkeypatch, toy, ["down.1"], chunk_size=4)
+    assert n == total == 2 * 10
+
+
+def _probe(model: nn.Module, layers: list[str]) -> dict[str, tuple[int, ...]]:
+    with torch.no_grad():
+        shapes = output_shapes(model, make_batches(n=1)[0][0], resolve_layers(model, layers))
+    return {name: cast(tuple[int, ...], shapes[name][0]) for name in layers}
+
+
+def test_estimate_passes_progress_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    source = settle(ResidualToy(), torch.float32)
+    batches = make_batches(n=2, dtype=torch.float32, classes=3)
+    estimate_channel_attention(source, batches, ["down"], 3, epochs=1)
+    assert capsys.readouterr() == ("", "")
+    estimate_channel_attention(source, batches, ["down"], 3, epochs=1, progress=True)
+    assert "channel removal scores" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,12 +644,10 @@ def test_unusable_model_output() -> None:
 
 def test_replay_shape_checks() -> None:
     mask = torch.ones(3, 1, 2, 1, 1)
-    with pytest.raises(attention_module._ReplayError, match=r"\(K\*B, C, H, W\) output with K = 3"):
-        attention_module._mask_replicas(torch.ones(4, 2, 1, 1), mask)
-    with pytest.raises(attention_module._ReplayError, match="logits have batch 4, expected 3 x 2"):
-        attention_module._replica_losses(
-            torch.ones(4, 5), torch.zeros(2, dtype=torch.long), 3, None
-        )
+    with pytest.raises(replay_module._ReplayError, match=r"\(K\*B, C, H, W\) output with K = 3"):
+        replay_module.mask_replicas(torch.ones(4, 2, 1, 1), mask)
+    with pytest.raises(replay_module._ReplayError, match="logits have batch 4, expected 3 x 2"):
+        replay_module.replica_losses(torch.ones(4, 5), torch.zeros(2, dtype=torch.long), 3, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -643,7 +741,7 @@ def test_save_overwrites_and_cleans_up_on_failure(
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(attention_module, "save", broken)
+    monkeypatch.setattr(value_module, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         make_attention("3333333333333333").save(path)
     assert os.listdir(tmp_path) == ["a.safetensors"]
@@ -771,7 +869,7 @@ def test_train_head_trains_only_the_head(bn: str) -> None:
     torch.manual_seed(0)
     source = settle(ResidualToy(), torch.float32)
     loader = Loader(make_batches(n=2, dtype=torch.float32, classes=3))
-    trained = attention_module._train_head(
+    trained = estimate_module._train_head(
         source,
         loader,
         3,

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from deltaft._utils import get_submodule
+from deltaft.layers import resolve_layers
 
 __all__ = ["FeatureExtractor", "StopForward"]
 
@@ -27,7 +27,7 @@ class FeatureExtractor:
 
     Args:
         model: the network to observe.
-        layers: dotted module names (as in ``model.named_modules()``).
+        layers: dotted module names (as in ``model.named_modules()``), or a single name.
         stop_after_last: raise :class:`StopForward` once every layer has produced its output,
             so a network used only for its feature maps runs no further than it must. Wrap the
             forward in :meth:`run` to swallow the exception.
@@ -37,7 +37,7 @@ class FeatureExtractor:
             ``layers`` is empty or repeats a name.
 
     Example:
-        >>> import torchvision
+        >>> import torch, torchvision
         >>> net = torchvision.models.resnet18(num_classes=3)
         >>> with FeatureExtractor(net, ["layer1", "layer4"]) as fx:
         ...     _ = net(torch.randn(1, 3, 64, 64))
@@ -49,15 +49,9 @@ class FeatureExtractor:
     def __init__(
         self, model: nn.Module, layers: Sequence[str], *, stop_after_last: bool = False
     ) -> None:
-        if isinstance(layers, str):
-            layers = [layers]
-        if not layers:
-            raise ValueError("FeatureExtractor needs at least one layer name.")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"Layer names must be unique, got {list(layers)}.")
         self.model = model
-        self.layers = list(layers)
-        self.modules = {name: get_submodule(model, name) for name in self.layers}
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self.modules = resolve_layers(model, self.layers)
         self.stop_after_last = stop_after_last
         self._store: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []

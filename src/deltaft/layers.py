@@ -8,16 +8,23 @@ dry forward pass.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from deltaft._utils import get_submodule
+from deltaft._utils import dtype_device, eval_mode, get_submodule
 
-__all__ = ["LayerInfo", "default_layers", "describe_layers", "validate_layers"]
+__all__ = [
+    "LayerInfo",
+    "default_layers",
+    "describe_layers",
+    "output_shapes",
+    "resolve_layers",
+    "validate_layers",
+]
 
 INCEPTION_V3_LAYERS = ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"]
 MIN_REDUCTION = 4  # stages at stride 2 (the stem) are not regularized, as in the reference
@@ -41,45 +48,84 @@ class LayerInfo:
 
 
 def _dry_run_input(model: nn.Module, input_size: int) -> Tensor:
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    dtype, device = dtype_device(model)
     return torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype)
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    """``{name: module}`` for distinct module names of ``model``, in the order given.
+
+    Raises:
+        ValueError: ``layers`` is a string or empty, repeats a name, or names a module that
+            ``model`` does not have (the message lists close matches).
+
+    Example:
+        >>> import torchvision
+        >>> list(resolve_layers(torchvision.models.resnet18(), ["layer1", "layer4.1.conv2"]))
+        ['layer1', 'layer4.1.conv2']
+    """
+    if isinstance(layers, str) or not layers:
+        raise ValueError(
+            f"layers must be a non-empty list of module names, got {layers!r}; "
+            "e.g. ['layer1.2.conv3', 'layer2.3.conv3']."
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct, got {list(layers)}.")
+    return {name: get_submodule(model, name) for name in layers}
+
+
+def output_shapes(
+    model: nn.Module, x: Tensor, modules: Mapping[str, nn.Module]
+) -> dict[str, list[tuple[int, ...] | type]]:
+    """Run ``model(x)`` once and record what each of ``modules`` returns, call by call.
+
+    The caller chooses the mode and the grad context. Forward hooks are removed afterwards.
+
+    Returns:
+        ``{name: [output shape, or the output's type when it is not a tensor, per call]}`` for
+        the modules that ran, in the order in which their first call finished.
+    """
+    seen: dict[str, list[tuple[int, ...] | type]] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output)
+            seen.setdefault(name, []).append(shape)
+
+        return hook
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def describe_layers(model: nn.Module, *, input_size: int = 224) -> list[LayerInfo]:
     """Run one eval-mode forward of a ``(1, 3, S, S)`` zero image and record every module's output.
 
-    Returns ``LayerInfo`` in ``named_modules()`` order (the root module excluded). The model's
-    train/eval mode is restored afterwards.
+    Returns ``LayerInfo`` in ``named_modules()`` order (the root module excluded); a module called
+    more than once is described by its first call. Every module's train/eval mode is restored
+    afterwards.
+
+    Example:
+        >>> import torchvision
+        >>> info = describe_layers(torchvision.models.resnet18(), input_size=64)[0]
+        >>> info.name, info.kind, info.shape
+        ('conv1', 'Conv2d', (1, 64, 32, 32))
     """
-    infos: dict[str, tuple[tuple[int, ...] | None, int]] = {}
-    handles = []
-
-    def make_hook(name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else None
-            if name not in infos:  # a module called twice keeps its first output
-                infos[name] = (shape, len(infos))
-
-        return hook
-
-    named = [(n, m) for n, m in model.named_modules() if n]
-    for name, module in named:
-        handles.append(module.register_forward_hook(make_hook(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(_dry_run_input(model, input_size))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return [
-        LayerInfo(name, type(module).__name__, *infos.get(name, (None, -1)))
-        for name, module in named
-    ]
+    named = {name: module for name, module in model.named_modules() if name}
+    with eval_mode(model), torch.no_grad():
+        seen = output_shapes(model, _dry_run_input(model, input_size), named)
+    order = {name: position for position, name in enumerate(seen)}
+    infos = []
+    for name, module in named.items():
+        first = seen[name][0] if name in seen else None
+        shape = first if isinstance(first, tuple) else None
+        infos.append(LayerInfo(name, type(module).__name__, shape, order.get(name, -1)))
+    return infos
 
 
 def _resnet_layers(model: nn.Module) -> list[str] | None:
@@ -180,18 +226,17 @@ def validate_layers(
     Returns:
         ``{name: output shape for a batch of one}``, in the order given.
 
+    Args:
+        model: the network.
+        layers: dotted module names, or a single name.
+        input_size: side of the square zero image of the dry forward pass.
+
     Raises:
         ValueError: empty or repeated names, an unknown name (close matches listed), a module that
             does not run in ``forward`` or whose output is not 4-D.
     """
-    if isinstance(layers, str):
-        layers = [layers]
-    if not layers:
-        raise ValueError("At least one layer name is needed.")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"Layer names must be unique, got {list(layers)}.")
-    for name in layers:
-        get_submodule(model, name)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    resolve_layers(model, layers)
     infos = {i.name: i for i in describe_layers(model, input_size=input_size)}
     shapes: dict[str, tuple[int, ...]] = {}
     for name in layers:

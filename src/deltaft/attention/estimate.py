@@ -1,0 +1,193 @@
+"""The reference procedure: train a new head on the frozen source, score its channels, normalise."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from deltaft._utils import dtype_device
+from deltaft._utils import logits_of as _logits
+from deltaft.attention._common import (
+    Method,
+    as_pair,
+    check_method,
+    check_n_batches,
+    check_temperature,
+    take_batches,
+)
+from deltaft.attention.fingerprint import batches_fingerprint, model_fingerprint
+from deltaft.attention.scores import attention_from_scores, channel_removal_scores
+from deltaft.attention.value import ChannelAttention
+from deltaft.heads import replace_head
+from deltaft.layers import resolve_layers
+
+__all__ = ["BatchNormMode", "estimate_channel_attention"]
+
+logger = logging.getLogger(__name__)
+
+BatchNormMode = Literal["adapt", "frozen"]
+
+_BN_MODES: tuple[str, ...] = ("adapt", "frozen")
+
+
+def _train_head(
+    source: nn.Module,
+    loader: Iterable[Any],
+    num_classes: int,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    lr_step: int,
+    lr_gamma: float,
+    bn: BatchNormMode,
+    head: str | None,
+    device: torch.device | str | None,
+) -> nn.Module:
+    """A copy of ``source`` with a new head trained on ``loader``, everything else frozen."""
+    model = copy.deepcopy(source)
+    if device is not None:
+        model.to(device)
+    model.requires_grad_(False)
+    head_name = replace_head(model, num_classes, head)  # the new nn.Linear requires grad
+    params = list(model.get_submodule(head_name).parameters())
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+    # "adapt": the frozen backbone runs in train mode, so BatchNorm statistics follow the target
+    # data (and dropout is active), as in the reference code. "frozen": eval mode throughout.
+    model.train(bn == "adapt")
+    _, model_device = dtype_device(model)
+    for epoch in range(epochs):
+        total, count = torch.zeros((), device=model_device), 0
+        for batch in loader:
+            x, y = as_pair(batch)
+            loss = F.cross_entropy(_logits(model(x.to(model_device))), y.to(model_device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            count += 1
+        if count == 0:
+            raise ValueError(
+                "The loader yielded no batches; expected (x, y) batches of target data."
+            )
+        logger.info(
+            "attention head: epoch %d/%d, loss %.4f, lr %.3g",
+            epoch + 1,
+            epochs,
+            float(total) / count,
+            optimizer.param_groups[0]["lr"],
+        )
+        scheduler.step()
+    return model.eval()
+
+
+def estimate_channel_attention(
+    source: nn.Module,
+    loader: Iterable[Any],
+    layers: Sequence[str],
+    num_classes: int,
+    *,
+    epochs: int = 10,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    lr_step: int = 6,
+    lr_gamma: float = 0.1,
+    bn: BatchNormMode = "adapt",
+    n_batches: int = 4,
+    temperature: float = 5.0,
+    method: Method = "exact",
+    head: str | None = None,
+    device: torch.device | str | None = None,
+    score_loader: Iterable[Any] | None = None,
+    progress: bool = False,
+) -> ChannelAttention:
+    """DELTA's supervised channel attention for ``source`` on the target data.
+
+    The reference procedure, on a deep copy (``source`` itself is never modified):
+
+    1. Replace the head with a new ``nn.Linear(in_features, num_classes)``, freeze every other
+       parameter (``requires_grad_(False)``) and train the head for ``epochs`` epochs over
+       ``loader``: cross-entropy, ``SGD(lr, momentum, weight_decay)``, lr times ``lr_gamma``
+       every ``lr_step`` epochs. With ``bn="adapt"`` (reference) the frozen backbone runs in
+       train mode, so BatchNorm running statistics adapt to the target data; with
+       ``bn="frozen"`` everything runs in eval mode.
+    2. ``delta = channel_removal_scores(copy, first n_batches of score_loader or loader)``.
+    3. ``w = attention_from_scores(delta, temperature)``.
+
+    Args:
+        source: the pre-trained network (with its original head).
+        loader: target training batches ``(x, y)``, ``y`` in ``[0, num_classes)``.
+        layers: dotted names of the modules to weight; outputs must be ``(B, C, H, W)``.
+        num_classes: number of target classes.
+        epochs, lr, momentum, weight_decay, lr_step, lr_gamma: the head's training schedule.
+        bn: ``"adapt"`` or ``"frozen"``, see above.
+        n_batches: batches the removal scores average over.
+        temperature: softmax temperature ``T``.
+        method: see :func:`~deltaft.attention.channel_removal_scores`; ``"exact"`` by default.
+        head: the head's dotted name; found with :func:`~deltaft.heads.find_head` when ``None``.
+        device: where to train and score; default the device of ``source``.
+        score_loader: batches to score on; default ``loader`` (use a non-shuffled loader to
+            make the result reproducible).
+        progress: show a progress bar on stderr while the channels are scored (see
+            :func:`~deltaft.attention.channel_removal_scores`).
+
+    Returns:
+        A :class:`ChannelAttention` with the source's and the scored batches' fingerprints.
+
+    Raises:
+        ValueError: an invalid ``bn``, ``method``, ``epochs``, ``lr_step`` or layer name; see also
+            :func:`~deltaft.attention.channel_removal_scores`.
+
+    Example:
+        >>> import torch, torchvision
+        >>> source = torchvision.models.resnet18(num_classes=10)
+        >>> data = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))]
+        >>> att = estimate_channel_attention(source, data, ["layer4.1.conv2"], 3, epochs=1)
+        >>> att.channels
+        {'layer4.1.conv2': 512}
+    """
+    if bn not in _BN_MODES:
+        raise ValueError(f"bn must be one of {', '.join(_BN_MODES)}; got {bn!r}.")
+    check_method(method)
+    if epochs < 0 or lr_step < 1:
+        raise ValueError(f"Expected epochs >= 0 and lr_step >= 1, got {epochs} and {lr_step}.")
+    check_n_batches(n_batches)  # fail before training
+    check_temperature(temperature)
+    resolve_layers(source, layers)
+    fingerprint = model_fingerprint(source)
+    model = _train_head(
+        source,
+        loader,
+        num_classes,
+        epochs=epochs,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        lr_step=lr_step,
+        lr_gamma=lr_gamma,
+        bn=bn,
+        head=head,
+        device=device,
+    )
+    batches = take_batches(loader if score_loader is None else score_loader, n_batches)
+    scores = channel_removal_scores(
+        model, batches, layers, n_batches=len(batches), method=method, progress=progress
+    )
+    return ChannelAttention(
+        weights=attention_from_scores(scores, temperature),
+        scores=scores,
+        temperature=float(temperature),
+        n_batches=len(batches),
+        model_fingerprint=fingerprint,
+        data_fingerprint=batches_fingerprint(batches),
+        method=method,
+    )

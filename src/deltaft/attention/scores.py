@@ -1,0 +1,329 @@
+"""Channel removal scores and the attention weights computed from them.
+
+:func:`channel_removal_scores` measures how much the loss grows when one output channel of a layer
+is zeroed, by one of three methods: ``"exact"`` (the fx replay of :mod:`~deltaft.attention.exact`),
+``"reference"`` (one full forward per channel) or ``"taylor"`` (first-order, one backward per
+batch). :func:`attention_from_scores` turns the scores into per-layer softmax weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from deltaft._utils import dtype_device, eval_mode
+from deltaft._utils import logits_of as _logits
+from deltaft.attention._common import (
+    Batch,
+    LossFn,
+    Method,
+    batch_loss,
+    check_method,
+    check_temperature,
+    take_batches,
+)
+from deltaft.attention.exact import exact_scores
+from deltaft.layers import output_shapes, resolve_layers
+
+__all__ = ["attention_from_scores", "channel_removal_scores"]
+
+
+def channel_removal_scores(
+    model: nn.Module,
+    loader: Iterable[Any],
+    layers: Sequence[str],
+    *,
+    n_batches: int = 4,
+    method: Method = "exact",
+    loss_fn: LossFn | None = None,
+    device: torch.device | str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    r"""How much the loss grows when each channel of each layer is removed.
+
+    On the first ``n_batches`` batches ``(x_b, y_b)`` of ``loader``, with ``model`` in eval mode::
+
+        delta[l][j] = 1/n_batches * sum_b ( L(x_b, y_b | output channel j of l set to 0)
+                                            - L(x_b, y_b) )
+        L = loss_fn(logits, y), by default F.cross_entropy(logits, y) (mean over the batch)
+
+    Removing a channel zeroes ``output[:, j]`` of module ``l`` for every sample (for a bias-free
+    convolution this is the reference's zeroing of filter ``j``). ``model``'s modes are restored
+    afterwards and its parameters are not changed.
+
+    Methods:
+
+    * ``"exact"`` (default): the same numbers as ``"reference"`` (to float round-off), much faster.
+      The model is traced with :mod:`torch.fx` (the layers kept as whole nodes); per batch, one
+      forward caches what each layer's downstream part reads, then that part alone is replayed on
+      ``K`` replicas of the layer's output (``(K*B, C, H, W)``, replica ``k`` without channel
+      ``k``): one replay scores ``K`` channels. Cached activations that the replay reads (e.g. a
+      skip connection) are repeated ``K`` times along the batch. This assumes that samples do
+      not interact, true of eval-mode classifiers (BatchNorm uses its running statistics). A
+      model fx cannot trace is scored with batched full forwards (a logged warning), still exact.
+    * ``"reference"``: one full forward per channel per batch with a hook that zeroes the
+      channel; slow and obviously correct.
+    * ``"taylor"``: approximate, one backward per batch. First-order estimate of the same
+      quantity: zeroing channel ``j`` changes ``a = output[:, j]`` by ``-a``, so
+      ``delta[l][j] ~ -sum_{b,h,w} a[b, j, h, w] * dL/da[b, j, h, w]`` (mean over batches).
+
+    Args:
+        model: a classifier whose ``forward(x)`` returns logits (or a tuple / an object with
+            ``.logits``), already on its device.
+        loader: yields ``(x, y)`` batches; only the first ``n_batches`` are read.
+        layers: dotted names of modules whose output is a ``(B, C, H, W)`` tensor.
+        n_batches: number of batches to average over (fewer if ``loader`` runs out).
+        method: ``"exact"``, ``"reference"`` or ``"taylor"``.
+        loss_fn: ``(logits, y) -> scalar`` batch-mean loss; default cross-entropy.
+        device: where batches go; default the device of the model's parameters.
+        chunk_size: channels ``K`` scored per replay (``"exact"``). Default: ``K`` replicas of
+            the largest activation the replay computes take about 8 MiB on the CPU (larger
+            batches run slower per sample there) and 256 MiB on other devices.
+        progress: show a progress bar with an ETA on stderr (tqdm; cleared when done), counting
+            ``channels x batches`` scored. Nothing is printed by default.
+
+    Returns:
+        ``{layer: delta (C,)}`` in the order of ``layers``, on the CPU, in the model's dtype.
+
+    Raises:
+        ValueError: an unknown method or layer, ``n_batches < 1``, ``chunk_size < 1``, an empty
+            loader, or a layer whose output is not ``(B, C, H, W)``.
+
+    Example:
+        >>> import torch, torchvision
+        >>> model = torchvision.models.resnet18(num_classes=3)
+        >>> data = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))]
+        >>> scores = channel_removal_scores(model, data, ["layer4.1.conv2"], n_batches=1)
+        >>> scores["layer4.1.conv2"].shape
+        torch.Size([512])
+    """
+    check_method(method)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}.")
+    modules = resolve_layers(model, layers)
+    batches = take_batches(loader, n_batches)
+    dtype, model_device = dtype_device(model)
+    device = torch.device(device) if device is not None else model_device
+    with eval_mode(model):
+        with torch.inference_mode():
+            shapes = _probe_shapes(model, batches[0][0].to(device), modules)
+        total = sum(shape[1] for shape in shapes.values()) * len(batches)
+        with tqdm(
+            total=total,
+            desc="channel removal scores",
+            unit="channel",
+            disable=not progress,
+            leave=False,
+        ) as bar:
+            totals = _summed_scores(
+                method, model, batches, modules, shapes, loss_fn, device, chunk_size, bar
+            )
+    # One transfer at the end; clone() outside inference mode gives ordinary tensors.
+    return {name: (totals[name] / len(batches)).to("cpu", dtype).clone() for name in modules}
+
+
+def _summed_scores(
+    method: Method,
+    model: nn.Module,
+    batches: Sequence[Batch],
+    modules: Mapping[str, nn.Module],
+    shapes: Mapping[str, tuple[int, int, int, int]],
+    loss_fn: LossFn | None,
+    device: torch.device,
+    chunk_size: int | None,
+    progress: Any,
+) -> dict[str, Tensor]:
+    """Sum over ``batches`` of the ``(C,)`` loss increases, per layer, by ``method``."""
+    totals: dict[str, Tensor] = {}
+    if method == "taylor":  # needs autograd: outside inference mode
+        channels = sum(shape[1] for shape in shapes.values())
+        for x, y in batches:
+            _add_into(totals, _taylor_batch(model, x.to(device), y.to(device), modules, loss_fn))
+            progress.update(channels)
+        return totals
+    with torch.inference_mode():
+        if method == "exact":
+            return exact_scores(
+                model, batches, modules, shapes, loss_fn, device, chunk_size, progress
+            )
+        for x, y in batches:
+            deltas = _reference_batch(
+                model, x.to(device), y.to(device), modules, shapes, loss_fn, progress
+            )
+            _add_into(totals, deltas)
+    return totals
+
+
+def _add_into(totals: dict[str, Tensor], deltas: Mapping[str, Tensor]) -> None:
+    for name, delta in deltas.items():
+        totals[name] = totals[name] + delta if name in totals else delta
+
+
+def _probe_shapes(
+    model: nn.Module, x: Tensor, modules: Mapping[str, nn.Module]
+) -> dict[str, tuple[int, int, int, int]]:
+    """Output shape ``(B, C, H, W)`` of every layer, checking that it is one."""
+    seen = output_shapes(model, x, modules)
+    shapes = {}
+    for name in modules:
+        outputs = seen.get(name)
+        if not outputs:
+            raise ValueError(
+                f"Layer {name!r} was not called in the model's forward pass; choose a module "
+                "that runs on every input."
+            )
+        calls = [_as_bchw(name, shape, x.shape[0]) for shape in outputs]
+        if len({shape[1] for shape in calls}) > 1:
+            raise ValueError(
+                f"Layer {name!r} is called {len(calls)} times with different channel counts "
+                f"{[shape[1] for shape in calls]}; choose a module that is called once."
+            )
+        shapes[name] = calls[0]
+    return shapes
+
+
+def _as_bchw(name: str, shape: tuple[int, ...] | type, batch: int) -> tuple[int, int, int, int]:
+    """``shape`` if it is ``(batch, C, H, W)``, else a ``ValueError`` naming the layer."""
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[0] == batch):
+        got = shape if isinstance(shape, tuple) else shape.__name__
+        raise ValueError(
+            f"Layer {name!r} must output a (B, C, H, W) tensor with B = {batch}, "
+            f"got {got}; choose a convolutional layer or block."
+        )
+    return cast(tuple[int, int, int, int], shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# method="reference": one full forward per channel per batch
+# ------------------------------------------------------------------------------------------------
+def _zero_channel_hook(channel: int) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        output = output.clone()
+        output[:, channel] = 0
+        return output
+
+    return hook
+
+
+def _reference_batch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    modules: Mapping[str, nn.Module],
+    shapes: Mapping[str, tuple[int, int, int, int]],
+    loss_fn: LossFn | None,
+    progress: Any,
+) -> dict[str, Tensor]:
+    base = batch_loss(_logits(model(x)), y, loss_fn)
+    deltas = {}
+    for name, module in modules.items():
+        losses = []
+        for j in range(shapes[name][1]):
+            handle = module.register_forward_hook(_zero_channel_hook(j))
+            try:
+                losses.append(batch_loss(_logits(model(x)), y, loss_fn))
+            finally:
+                handle.remove()
+            progress.update(1)
+        deltas[name] = torch.stack(losses) - base
+    return deltas
+
+
+# ------------------------------------------------------------------------------------------------
+# method="taylor": first-order estimate from one backward pass per batch
+# ------------------------------------------------------------------------------------------------
+def _taylor_batch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    modules: Mapping[str, nn.Module],
+    loss_fn: LossFn | None,
+) -> dict[str, Tensor]:
+    captured: dict[str, list[Tensor]] = {name: [] for name in modules}
+
+    def recorder(name: str) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+        def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            # Nothing upstream needs a gradient when the output does not require one.
+            a = output if output.requires_grad else output.detach().requires_grad_(True)
+            captured[name].append(a)
+            return a.clone()  # later in-place ops must not change the captured `a`
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(name)) for name, m in modules.items()]
+    try:
+        with torch.enable_grad():
+            loss = batch_loss(_logits(model(x)), y, loss_fn)
+            flat = [a for name in modules for a in captured[name]]
+            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    deltas = {}
+    position = 0
+    for name in modules:
+        total = torch.zeros(captured[name][0].shape[1], dtype=loss.dtype, device=loss.device)
+        for a in captured[name]:
+            grad = grads[position]
+            position += 1
+            if grad is not None:
+                total = total - (grad * a.detach()).sum(dim=(0, 2, 3))  # (C,)
+        deltas[name] = total
+    return deltas
+
+
+def attention_from_scores(
+    scores: Mapping[str, Tensor], temperature: float = 5.0
+) -> dict[str, Tensor]:
+    r"""Channel weights from removal scores: a softmax of z-scores, per layer.
+
+    For each layer, with ``delta`` the ``(C,)`` scores::
+
+        z = (delta - mean(delta)) / std(delta)       # population std: sqrt(mean((delta - mean)^2))
+        w = softmax(z / temperature)                 # w >= 0, sum(w) = 1
+
+    A layer whose scores are all equal gets uniform weights ``1 / C``.
+
+    Args:
+        scores: ``{layer: delta (C,)}``, e.g. from :func:`channel_removal_scores`.
+        temperature: ``T > 0``; larger is flatter (``inf`` gives uniform weights).
+
+    Returns:
+        ``{layer: w (C,)}`` in the order of ``scores``, same dtype and device.
+
+    Raises:
+        ValueError: ``temperature <= 0``, or scores that are not finite, non-empty and 1-D.
+
+    Example:
+        >>> import torch
+        >>> w = attention_from_scores({"conv": torch.tensor([0.0, 1.0, 2.0])})["conv"]
+        >>> round(float(w.sum()), 6)
+        1.0
+    """
+    check_temperature(temperature)
+    weights = {}
+    for name, delta in scores.items():
+        if delta.dim() != 1 or delta.numel() == 0:
+            raise ValueError(
+                f"Scores of layer {name!r} must be a non-empty (C,) tensor, got shape "
+                f"{tuple(delta.shape)}."
+            )
+        if not delta.is_floating_point():
+            delta = delta.to(torch.get_default_dtype())
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(
+                f"Scores of layer {name!r} contain NaN or infinite values; check that the head "
+                "training converged (lower the learning rate) and the data are finite."
+            )
+        std = delta.std(correction=0)
+        if bool((delta == delta[0]).all()) or float(std) == 0.0:
+            weights[name] = torch.full_like(delta, 1.0 / delta.numel())
+            continue
+        z = (delta - delta.mean()) / std  # (C,)
+        weights[name] = torch.softmax(z / temperature, dim=0)
+    return weights
