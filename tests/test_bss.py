@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 from torch.testing import assert_close
 
+from deltaft import TransferObjective
 from deltaft.regularizers import BSSRegularizer
 from deltaft.regularizers import functional as RF
+from tests.conftest import TinyNet
 from tests.reference import ref_bss_authors, ref_bss_penalty
 
 
@@ -100,3 +105,110 @@ def test_bss_regularizer_delegates() -> None:
 def test_bss_regularizer_rejects_bad_k() -> None:
     with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         BSSRegularizer(k=0)
+
+
+# --- the objective's bss term ---
+
+LAYERS = ["conv1", "conv2"]
+
+
+def _pair() -> tuple[TinyNet, TinyNet]:
+    torch.manual_seed(0)
+    source = TinyNet(num_classes=5).eval()
+    model = copy.deepcopy(source)
+    model.fc = nn.Linear(16, 4)
+    return model, source
+
+
+def _objective(method: str, **kwargs) -> TransferObjective:  # type: ignore[no-untyped-def]
+    model, source = _pair()
+    if method in ("fm", "delta"):
+        kwargs.setdefault("layers", LAYERS)
+    if method == "delta":
+        kwargs.setdefault("attention", "uniform")
+    return TransferObjective(model, source, method, **kwargs)  # type: ignore[arg-type]
+
+
+def _pooled_features(model: TinyNet, x: torch.Tensor) -> torch.Tensor:
+    """TinyNet's forward written out up to the classifier's input, shape ``(B, 16)``."""
+    h = model.stem(x)
+    h = torch.relu(model.bn1(model.conv1(h)) + h)
+    h = torch.relu(model.bn2(model.conv2(h)))
+    return model.pool(h).flatten(1)
+
+
+@pytest.mark.parametrize("method", ["l2", "l2sp", "fm", "delta"])
+def test_bss_term_value_and_other_parts(method: str, batch) -> None:  # type: ignore[no-untyped-def]
+    x, y = batch
+    plain = _objective(method).train()
+    with_bss = _objective(method, bss=0.05, bss_k=2).train()
+    out, ref = with_bss(x, y), plain(x, y)
+    assert list(out) == [*list(ref)[:-1], "reg/bss", "loss"]
+    assert list(with_bss.terms)[-1] == "reg/bss"
+    features = _pooled_features(with_bss.model, x)  # type: ignore[arg-type]
+    assert_close(out["reg/bss"], 0.05 * RF.bss_penalty(features, 2))
+    for part in ref:
+        if part != "loss":
+            assert torch.equal(out[part], ref[part]), part
+    parts = [out[p] for p in out if p not in ("logits", "loss")]
+    assert_close(out["loss"], torch.stack(parts).sum())
+
+
+@pytest.mark.parametrize("method", ["l2", "delta"])
+def test_bss_zero_changes_nothing(method: str, batch) -> None:  # type: ignore[no-untyped-def]
+    default, off = _objective(method).train(), _objective(method, bss=0.0, bss_k=3).train()
+    a, b = default(*batch), off(*batch)
+    assert list(a) == list(b) and "reg/bss" not in a and list(off.terms) == list(default.terms)
+    for part in a:
+        assert torch.equal(a[part], b[part]), part
+
+
+def test_bss_gradients_reach_the_backbone_not_the_head(batch) -> None:  # type: ignore[no-untyped-def]
+    objective = _objective("l2", bss=0.001).train()
+    objective(*batch)["reg/bss"].backward()
+    model = objective.model
+    for name, param in model.named_parameters():
+        if name.startswith("fc."):
+            assert param.grad is None, name  # the head's input does not depend on the head
+        elif "conv" in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_bss_hook_is_removed(batch) -> None:  # type: ignore[no-untyped-def]
+    objective = _objective("l2", bss=0.001)
+    objective(*batch)
+    assert not objective.model.fc._forward_pre_hooks
+
+
+class _TwoHeads(nn.Module):
+    """Calls ``fc`` twice and never calls ``unused``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.fc(h) + self.fc(h.flip(0))
+
+
+@pytest.mark.parametrize(("head", "times"), [("fc", 2), ("unused", 0)])
+def test_bss_needs_one_head_call(head: str, times: int, batch) -> None:  # type: ignore[no-untyped-def]
+    model = _TwoHeads()
+    objective = TransferObjective(model, copy.deepcopy(model), "l2", head=head, bss=0.001)
+    with pytest.raises(
+        ValueError, match=f"head '{head}' to run once per forward, but it ran {times}"
+    ):
+        objective(batch[0], batch[1] % 3)
+    assert not getattr(model, head)._forward_pre_hooks
+
+
+def test_bss_argument_errors() -> None:
+    for bss in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="bss must be >= 0"):
+            _objective("l2", bss=bss)
+    for k in (0, 1.5, True):
+        with pytest.raises(ValueError, match="bss_k must be a positive integer"):
+            _objective("l2", bss=0.001, bss_k=k)
