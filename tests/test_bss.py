@@ -212,3 +212,16 @@ def test_bss_argument_errors() -> None:
     for k in (0, 1.5, True):
         with pytest.raises(ValueError, match="bss_k must be a positive integer"):
             _objective("l2", bss=0.001, bss_k=k)
+
+
+def test_bss_term_under_autocast(batch) -> None:  # type: ignore[no-untyped-def]
+    """Under AMP the head's input is low precision; the SVD still runs, in float32."""
+    objective = _objective("delta", bss=0.001).train()
+    seen: list[torch.dtype] = []
+    objective.model.fc.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = objective(*batch)
+    assert seen == [torch.bfloat16]
+    assert out["reg/bss"].dtype == torch.float32 and torch.isfinite(out["reg/bss"])
+    out["loss"].backward()
+    assert objective.model.conv1.weight.grad is not None
