@@ -157,3 +157,49 @@ def ref_attention_from_scores(
             w = e / np.sum(e)
         weights[name] = torch.from_numpy(w)
     return weights
+
+
+# --- BSS and WiSE-FT references ---
+
+
+def ref_bss_penalty(features: Tensor, k: int = 1) -> Tensor:
+    """sum of the k smallest eigenvalues of the Gram matrix, built entry by entry in float64.
+
+    The squared singular values of F (B, D) are the eigenvalues of F F^T (B, B) or F^T F (D, D);
+    the smaller Gram matrix has exactly min(B, D) of them.
+    """
+    f = features.double()
+    if f.shape[0] > f.shape[1]:
+        f = f.t()
+    rows, cols = f.shape
+    gram = torch.zeros(rows, rows, dtype=torch.float64)
+    for i in range(rows):
+        for j in range(rows):
+            gram[i, j] = sum(float(f[i, d]) * float(f[j, d]) for d in range(cols))
+    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+    return torch.tensor(sum(float(eigenvalues[i]) for i in range(k)), dtype=torch.float64)
+
+
+def ref_bss_authors(features: Tensor, k: int = 1) -> Tensor:
+    """The authors' loop (thuml/Batch-Spectral-Shrinkage, BSS.py), in float64."""
+    s = torch.linalg.svd(features.double().t()).S  # torch.svd(feature.t()) there
+    num = s.size(0)
+    result = torch.zeros((), dtype=torch.float64)
+    for i in range(k):
+        result = result + torch.pow(s[num - 1 - i], 2)
+    return result
+
+
+def ref_interpolate_weights(
+    pretrained: dict[str, Tensor], finetuned: dict[str, Tensor], alpha: float
+) -> dict[str, Tensor]:
+    """Per key and element: (1 - alpha) * p + alpha * f for floats, f itself for integers."""
+    out = {}
+    for key, f in finetuned.items():
+        if not f.is_floating_point():
+            out[key] = f.clone()
+            continue
+        pairs = zip(pretrained[key].flatten().tolist(), f.flatten().tolist(), strict=True)
+        values = [(1 - alpha) * p + alpha * v for p, v in pairs]
+        out[key] = torch.tensor(values, dtype=torch.float64).reshape(f.shape)
+    return out

@@ -5,10 +5,12 @@ The public surface, on one screen::
     from deltaft import FeatureExtractor, FrozenSource, TransferObjective, default_layers
     from deltaft.regularizers import functional as RF
     from deltaft.attention import estimate_channel_attention, ChannelAttention
+    from deltaft import interpolate_weights, recompute_batchnorm   # WiSE-FT
 """
 
 from deltaft.heads import find_head, replace_head
 from deltaft.hooks import FeatureExtractor
+from deltaft.interpolate import interpolate_weights, recompute_batchnorm
 from deltaft.layers import default_layers, describe_layers, validate_layers
 from deltaft.objective import METHODS, TransferObjective
 from deltaft.source import FrozenSource
@@ -24,6 +26,8 @@ __all__ = [
     "default_layers",
     "describe_layers",
     "find_head",
+    "interpolate_weights",
+    "recompute_batchnorm",
     "replace_head",
     "validate_layers",
 ]

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from deltaft._utils import logits_of
+from deltaft._utils import get_submodule, logits_of
 from deltaft.heads import find_head, head_parameter_names
 from deltaft.hooks import FeatureExtractor
 from deltaft.layers import default_layers
 from deltaft.regularizers import functional as RF
 from deltaft.regularizers.modules import (
+    BSSRegularizer,
     DeltaRegularizer,
     FeatureMapRegularizer,
     L2Regularizer,
@@ -30,6 +31,8 @@ Method = Literal["l2", "l2sp", "fm", "delta"]
 METHODS: tuple[str, ...] = ("l2", "l2sp", "fm", "delta")
 # Parts computed from the source's and the target's feature maps; the others from parameters.
 _MAP_PARTS = ("reg/delta", "reg/fm")
+# Parts computed from the head's input features (B, D).
+_FEATURE_PARTS = ("reg/bss",)
 
 
 class TransferObjective(nn.Module):
@@ -46,6 +49,15 @@ class TransferObjective(nn.Module):
         delta: loss = CE + reg/delta + reg/head
                reg/delta = alpha * delta_penalty(FM_s, FM_t, attention, reduction)
         reg/head = beta/2 * ||head parameters||^2          (the new classifier only)
+
+    With ``bss > 0`` (any method) Batch Spectral Shrinkage (Chen et al., NeurIPS 2019) adds::
+
+        reg/bss = bss * bss_penalty(features, bss_k)
+                = bss * sum of the bss_k smallest squared singular values of features
+
+    where ``features`` is the head's input in this forward, flattened to ``(B, D)`` (for a
+    ResNet the pooled ``fc`` input), captured by a forward pre-hook on the head: no second
+    forward. The authors use ``bss = 0.001``, ``bss_k = 1``.
 
     The regularizers are the modules of :attr:`terms`, an ``nn.ModuleDict`` keyed by the part
     they produce; ``loss`` sums ``task_loss`` and every part, in that order. ``FM_t`` are the
@@ -71,6 +83,9 @@ class TransferObjective(nn.Module):
         reduction: ``"sum"`` over the batch (reference, ``alpha=0.01`` at batch 64) or ``"mean"``.
         weight_decay: the ``l2`` method's decay, applied by :meth:`param_groups`.
         input_size: image size of the dry forward pass that finds default layers.
+        bss: strength ``eta`` of the Batch Spectral Shrinkage term on the head's input; 0 (the
+            default) leaves it out.
+        bss_k: how many of the smallest singular values it shrinks.
 
     Example:
         >>> import copy, torch, torchvision
@@ -99,9 +114,13 @@ class TransferObjective(nn.Module):
         reduction: RF.Reduction = "sum",
         weight_decay: float = 1e-4,
         input_size: int = 224,
+        bss: float = 0.0,
+        bss_k: int = 1,
     ) -> None:
         super().__init__()
         _check_arguments(method, layers, attention, alpha, beta, weight_decay)
+        _check_bss(bss, bss_k)
+        self.bss, self.bss_k = float(bss), bss_k
         self.model = model
         self.method = method
         self.alpha, self.beta, self.weight_decay = float(alpha), float(beta), float(weight_decay)
@@ -147,6 +166,8 @@ class TransferObjective(nn.Module):
             terms["reg/l2sp"] = L2SPRegularizer(self._source_reference())
         if self.method != "l2":
             terms["reg/head"] = L2Regularizer(self.head_names)
+        if self.bss > 0:
+            terms["reg/bss"] = BSSRegularizer(self.bss_k)
         return terms
 
     def _attention_weights(self, attention: Any) -> Mapping[str, Tensor] | None:
@@ -202,24 +223,56 @@ class TransferObjective(nn.Module):
         return [g for g in groups if g["params"]]
 
     def _strength(self, part: str) -> float:
-        """The factor of a part: ``beta`` for ``reg/head``, ``alpha`` for the others."""
+        """The factor of a part: ``beta`` (``reg/head``), ``bss`` (``reg/bss``), else ``alpha``."""
+        if part == "reg/bss":
+            return self.bss
         return self.beta if part == "reg/head" else self.alpha
 
-    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def _run_model(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The model's logits and the target maps of :attr:`layers` from one forward."""
         if self.layers:
             with FeatureExtractor(self.model, self.layers) as extractor:
                 logits = logits_of(self.model(x))
-                target_maps = extractor.pop()
+                return logits, extractor.pop()
+        return logits_of(self.model(x)), {}
+
+    def _run_model_with_head_input(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """:meth:`_run_model` plus the head's input flattened to ``(B, D)``, from a pre-hook."""
+        inputs: list[Tensor] = []
+
+        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+            inputs.append(args[0])
+
+        handle = get_submodule(self.model, self.head).register_forward_pre_hook(capture)
+        try:
+            logits, target_maps = self._run_model(x)
+        finally:
+            handle.remove()
+        if len(inputs) != 1:
+            raise ValueError(
+                f"BSS needs the head {self.head!r} to run once per forward, but it ran "
+                f"{len(inputs)} times; name the classifier the model calls once with head=."
+            )
+        return logits, target_maps, inputs[0].flatten(1)  # (B, D)
+
+    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        features: Tensor | None = None
+        if "reg/bss" in self.terms:
+            logits, target_maps, features = self._run_model_with_head_input(x)
         else:
-            logits = logits_of(self.model(x))
-            target_maps = {}
+            logits, target_maps = self._run_model(x)
         task_loss = F.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "task_loss": task_loss}
         loss = task_loss
         source_maps = self.source(x, target_training=self.model.training) if self.layers else {}
         params = dict(self.model.named_parameters()) if self.terms else {}
         for part, term in self.terms.items():
-            value = term(source_maps, target_maps) if part in _MAP_PARTS else term(params)
+            if part in _FEATURE_PARTS:
+                value = term(features)
+            elif part in _MAP_PARTS:
+                value = term(source_maps, target_maps)
+            else:
+                value = term(params)
             out[part] = self._strength(part) * value
             loss = loss + out[part]
         out["loss"] = loss
@@ -251,3 +304,10 @@ def _check_arguments(
         )
     if isinstance(attention, str) and attention != "uniform":
         raise ValueError(f"attention must be 'uniform' or weights, got {attention!r}.")
+
+
+def _check_bss(bss: float, bss_k: int) -> None:
+    if not bss >= 0:  # also rejects NaN
+        raise ValueError(f"bss must be >= 0, got {bss}.")
+    if isinstance(bss_k, bool) or not isinstance(bss_k, int) or bss_k < 1:
+        raise ValueError(f"bss_k must be a positive integer, got {bss_k!r}.")

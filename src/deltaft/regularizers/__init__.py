@@ -2,6 +2,7 @@
 
 from deltaft.regularizers import functional
 from deltaft.regularizers.modules import (
+    BSSRegularizer,
     DeltaRegularizer,
     FeatureMapRegularizer,
     L2Regularizer,
@@ -9,6 +10,7 @@ from deltaft.regularizers.modules import (
 )
 
 __all__ = [
+    "BSSRegularizer",
     "DeltaRegularizer",
     "FeatureMapRegularizer",
     "L2Regularizer",

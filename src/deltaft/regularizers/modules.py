@@ -13,7 +13,13 @@ from torch import Tensor, nn
 
 from deltaft.regularizers import functional as RF
 
-__all__ = ["DeltaRegularizer", "FeatureMapRegularizer", "L2Regularizer", "L2SPRegularizer"]
+__all__ = [
+    "BSSRegularizer",
+    "DeltaRegularizer",
+    "FeatureMapRegularizer",
+    "L2Regularizer",
+    "L2SPRegularizer",
+]
 
 
 def _buffer_name(name: str) -> str:
@@ -106,3 +112,30 @@ class L2Regularizer(nn.Module):
         if missing:
             raise ValueError(f"Parameters {missing[:5]} not found; pass model.named_parameters().")
         return RF.l2_penalty([params[n] for n in self.names])
+
+
+class BSSRegularizer(nn.Module):
+    """:func:`~deltaft.regularizers.functional.bss_penalty` with a stored ``k``.
+
+    Returns the penalty without its strength ``eta``, like the other modules here: the caller
+    (e.g. :class:`~deltaft.objective.TransferObjective`'s ``bss``) multiplies.
+
+    Args:
+        k: how many of the smallest singular values of the ``(B, D)`` features to shrink
+            (1 in the authors' code).
+
+    Example:
+        >>> BSSRegularizer(k=1)(torch.diag(torch.tensor([3.0, 2.0, 0.5])))
+        tensor(0.2500)
+    """
+
+    def __init__(self, k: int = 1) -> None:
+        super().__init__()
+        RF._check_bss_k(k)
+        self.k = k
+
+    def forward(self, features: Tensor) -> Tensor:
+        return RF.bss_penalty(features, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
