@@ -7,22 +7,28 @@ The public surface, on one screen::
     from deltaft.attention import estimate_channel_attention, ChannelAttention
 """
 
+from deltaft.cotuning import cotuning_loss, estimate_relationship
 from deltaft.heads import find_head, replace_head
 from deltaft.hooks import FeatureExtractor
 from deltaft.layers import default_layers, describe_layers, validate_layers
 from deltaft.objective import METHODS, TransferObjective
+from deltaft.optim import SGDSPD, AdamSPD
 from deltaft.source import FrozenSource
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "SGDSPD",
+    "AdamSPD",
     "FeatureExtractor",
     "FrozenSource",
     "TransferObjective",
     "__version__",
+    "cotuning_loss",
     "default_layers",
     "describe_layers",
+    "estimate_relationship",
     "find_head",
     "replace_head",
     "validate_layers",
