@@ -271,6 +271,10 @@ def test_anchor_errors(anchor: object, match: str) -> None:
     params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, 2))]
     with pytest.raises(ValueError, match=match):
         AdamSPD([{"params": params, "anchor": anchor}])
+    optimizer = AdamSPD([nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ValueError, match=match):
+        optimizer.add_param_group({"params": params, "anchor": anchor})
+    assert len(optimizer.param_groups) == 1  # the rejected group was not added
 
 
 @pytest.mark.parametrize("optimizer_cls", [AdamSPD, SGDSPD])

@@ -55,15 +55,11 @@ class _SPDOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         params: list[Tensor] = group["params"]
-        if isinstance(anchor, bool):
-            anchors = [p.detach().clone() for p in params] if anchor else []
-        elif isinstance(anchor, Sequence) and all(isinstance(a, Tensor) for a in anchor):
-            anchors = _checked_anchors(list(anchor), params)
-        else:
-            raise ValueError(
-                "A parameter group's 'anchor' must be True (the current values), False (no "
-                f"anchor) or a list of tensors, one per parameter; got {type(anchor).__name__}."
-            )
+        try:
+            anchors = _anchors_of(anchor, params)
+        except ValueError:
+            self.param_groups.pop()  # a rejected group is not added
+            raise
         group["anchor"] = bool(anchors)
         for p, a in zip(params if anchors else [], anchors, strict=True):
             self.state[p]["anchor"] = a
@@ -101,7 +97,16 @@ class _SPDOptimizer(Optimizer):
         return new_p
 
 
-def _checked_anchors(anchors: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+def _anchors_of(anchor: object, params: list[Tensor]) -> list[Tensor]:
+    """The anchors a group's ``"anchor"`` option asks for: copies, one per parameter, or none."""
+    if isinstance(anchor, bool):
+        return [p.detach().clone() for p in params] if anchor else []
+    if not (isinstance(anchor, Sequence) and all(isinstance(a, Tensor) for a in anchor)):
+        raise ValueError(
+            "A parameter group's 'anchor' must be True (the current values), False (no "
+            f"anchor) or a list of tensors, one per parameter; got {type(anchor).__name__}."
+        )
+    anchors = list(anchor)
     if len(anchors) != len(params):
         raise ValueError(
             f"Got {len(anchors)} anchors for a group of {len(params)} parameters; "
