@@ -203,3 +203,173 @@ def ref_interpolate_weights(
         values = [(1 - alpha) * p + alpha * v for p, v in pairs]
         out[key] = torch.tensor(values, dtype=torch.float64).reshape(f.shape)
     return out
+
+
+# --- LwF distillation, SPD and Co-Tuning references ---
+
+
+def ref_distillation_penalty(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """T^2 / B * sum_b sum_k p[b,k] * (log p[b,k] - log q[b,k]), softmaxes written out."""
+    import math
+
+    total = 0.0
+    rows = list(zip(student.tolist(), teacher.tolist(), strict=True))
+    for s_row, t_row in rows:
+        s_exp = [math.exp(v / temperature) for v in s_row]
+        t_exp = [math.exp(v / temperature) for v in t_row]
+        for s_e, t_e in zip(s_exp, t_exp, strict=True):
+            p, q = t_e / sum(t_exp), s_e / sum(s_exp)
+            total += p * (math.log(p) - math.log(q))
+    return torch.tensor(temperature**2 * total / len(rows), dtype=torch.float64)
+
+
+def _ref_spd_project(
+    param: list[float], new: list[float], grad: list[float], anchor: list[float], wd: float
+) -> tuple[list[float], bool]:
+    """The published SPD rule on flat lists; also says whether the projection changed anything."""
+    condition = -sum(g * (p - a) for g, p, a in zip(grad, param, anchor, strict=True))
+    if not condition < 0:
+        return new, False
+    curr = sum((n - a) ** 2 for n, a in zip(new, anchor, strict=True)) ** 0.5
+    prev = sum((p - a) ** 2 for p, a in zip(param, anchor, strict=True)) ** 0.5
+    ratio = min(max((curr - prev) / curr, 0.0), 1.0)
+    out = [n - wd * ratio * (n - a) for n, a in zip(new, anchor, strict=True)]
+    return out, ratio > 0
+
+
+def ref_adam_spd(
+    params: list[Tensor],
+    grads: list[list[Tensor]],
+    anchors: list[Tensor | None],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+) -> tuple[list[Tensor], int]:
+    """AdamSPD (GT-RIPL adamSPD.py) element by element: the final parameters after one step per
+    entry of ``grads`` (``grads[t][i]`` is parameter ``i``'s gradient at step ``t + 1``), and
+    how many (step, tensor) pairs the projection changed. ``anchors[i] = None``: plain Adam."""
+    beta1, beta2 = betas
+    values = [p.flatten().tolist() for p in params]
+    m = [[0.0] * len(v) for v in values]
+    v2 = [[0.0] * len(v) for v in values]
+    vmax = [[0.0] * len(v) for v in values]
+    projected = 0
+    for t, step_grads in enumerate(grads, start=1):
+        for i, grad_tensor in enumerate(step_grads):
+            g = grad_tensor.flatten().tolist()
+            new = []
+            for k, gk in enumerate(g):
+                m[i][k] = beta1 * m[i][k] + (1 - beta1) * gk
+                v2[i][k] = beta2 * v2[i][k] + (1 - beta2) * gk * gk
+                vmax[i][k] = max(vmax[i][k], v2[i][k])
+                second = vmax[i][k] if amsgrad else v2[i][k]
+                denom = second**0.5 / (1 - beta2**t) ** 0.5 + eps
+                new.append(values[i][k] - lr / (1 - beta1**t) * m[i][k] / denom)
+            anchor = anchors[i]
+            if anchor is not None:
+                new, hit = _ref_spd_project(
+                    values[i], new, g, anchor.flatten().tolist(), weight_decay
+                )
+                projected += hit
+            values[i] = new
+    out = [
+        torch.tensor(v, dtype=torch.float64).reshape(p.shape)
+        for v, p in zip(values, params, strict=True)
+    ]
+    return out, projected
+
+
+def ref_sgd_spd(
+    params: list[Tensor],
+    grads: list[list[Tensor]],
+    anchors: list[Tensor | None],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+) -> tuple[list[Tensor], int]:
+    """SGD(momentum) then the SPD rule, element by element (see :func:`ref_adam_spd`)."""
+    values = [p.flatten().tolist() for p in params]
+    bufs: list[list[float] | None] = [None] * len(values)
+    projected = 0
+    for step_grads in grads:
+        for i, grad_tensor in enumerate(step_grads):
+            g = grad_tensor.flatten().tolist()
+            direction = g
+            if momentum != 0:
+                previous = bufs[i]
+                if previous is None:
+                    buf = list(g)
+                else:
+                    buf = [
+                        momentum * b + (1 - dampening) * gk
+                        for b, gk in zip(previous, g, strict=True)
+                    ]
+                bufs[i] = buf
+                direction = (
+                    [gk + momentum * b for gk, b in zip(g, buf, strict=True)] if nesterov else buf
+                )
+            new = [p - lr * d for p, d in zip(values[i], direction, strict=True)]
+            anchor = anchors[i]
+            if anchor is not None:
+                new, hit = _ref_spd_project(
+                    values[i], new, g, anchor.flatten().tolist(), weight_decay
+                )
+                projected += hit
+            values[i] = new
+    out = [
+        torch.tensor(v, dtype=torch.float64).reshape(p.shape)
+        for v, p in zip(values, params, strict=True)
+    ]
+    return out, projected
+
+
+def ref_direct_relationship(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """R[c][k] = mean over the rows of class c of softmax(logits row)[k], with loops."""
+    import math
+
+    rows: list[list[float]] = []
+    for c in range(num_classes):
+        acc: list[float] = [0.0] * logits.shape[1]
+        count = 0
+        for row, label in zip(logits.tolist(), labels.tolist(), strict=True):
+            if label != c:
+                continue
+            exps = [math.exp(v) for v in row]
+            acc = [a + e / sum(exps) for a, e in zip(acc, exps, strict=True)]
+            count += 1
+        rows.append([a / count for a in acc])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def ref_bayes_relationship(weight: Tensor, scale: float, source_probs: Tensor) -> Tensor:
+    """R[c][k] = Q[k][c] m[k] / sum_k' Q[k'][c] m[k'] with Q[k] = softmax(scale * weight[:, k])
+    and m the mean of ``source_probs`` rows, written out with loops."""
+    import math
+
+    num_classes, num_source = weight.shape
+    m = [sum(col) / source_probs.shape[0] for col in zip(*source_probs.tolist(), strict=True)]
+    q = []
+    for k in range(num_source):
+        exps = [math.exp(scale * float(weight[c, k])) for c in range(num_classes)]
+        q.append([e / sum(exps) for e in exps])
+    rows = []
+    for c in range(num_classes):
+        joint = [q[k][c] * m[k] for k in range(num_source)]
+        rows.append([j / sum(joint) for j in joint])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def ref_cotuning_loss(logits: Tensor, labels: Tensor, relationship: Tensor) -> Tensor:
+    """-1/B * sum_b sum_k R[y_b][k] * log softmax(z_b)[k], with loops."""
+    import math
+
+    total = 0.0
+    for row, label in zip(logits.tolist(), labels.tolist(), strict=True):
+        log_norm = math.log(sum(math.exp(v) for v in row))
+        for k, v in enumerate(row):
+            total -= float(relationship[label, k]) * (v - log_norm)
+    return torch.tensor(total / logits.shape[0], dtype=torch.float64)

@@ -24,13 +24,16 @@ The package, by concern:
 * :mod:`~deltaft.attention.estimate`: :func:`estimate_channel_attention`, the whole procedure.
 """
 
-from deltaft.attention.estimate import estimate_channel_attention
+from deltaft.attention._common import Method
+from deltaft.attention.estimate import BatchNormMode, estimate_channel_attention
 from deltaft.attention.fingerprint import data_fingerprint, model_fingerprint
 from deltaft.attention.scores import attention_from_scores, channel_removal_scores
 from deltaft.attention.value import ChannelAttention
 
 __all__ = [
+    "BatchNormMode",
     "ChannelAttention",
+    "Method",
     "attention_from_scores",
     "channel_removal_scores",
     "data_fingerprint",

@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "bss_penalty",
     "delta_penalty",
+    "distillation_penalty",
     "feature_map_penalty",
     "l2_penalty",
     "l2sp_penalty",
@@ -298,3 +299,52 @@ def bss_penalty(features: Tensor, k: int = 1) -> Tensor:
     work = features if features.dtype == torch.float64 else features.float()
     sigma = torch.linalg.svdvals(work)  # (min(B, D),), descending
     return sigma[-k:].square().sum()
+
+
+# --- LwF distillation (Li & Hoiem 2016, as Hinton et al. 2015 scale it) ---
+
+
+def distillation_penalty(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float
+) -> Tensor:
+    r"""Knowledge-distillation penalty of LwF: ``T^2 * KL(p_teacher || p_student)``, batch mean.
+
+    With logits of shape ``(B, K)`` and temperature ``T``::
+
+        p[b, k] = softmax(teacher_logits[b] / T)[k]          (teacher detached)
+        q[b, k] = softmax(student_logits[b] / T)[k]
+        penalty = T^2 / B * sum_b sum_k p[b, k] * (log p[b, k] - log q[b, k])
+
+    Li & Hoiem, "Learning without Forgetting" (ECCV 2016 / TPAMI 2017), keep the source head and
+    distil the frozen source's softened outputs into it. The ``T^2`` factor (Hinton et al. 2015)
+    keeps the gradient's scale independent of ``T``: the gradient with respect to
+    ``student_logits[b]`` is ``T / B * (q[b] - p[b])``. The peer library's
+    ``KnowledgeDistillationLoss`` (thuml/Transfer-Learning-Library; ``T=3``, trade-off 4) is the
+    same KL *without* ``T^2``: its trade-off ``a`` equals ``a / T^2`` here.
+
+    Args:
+        student_logits: the fine-tuned network's source-head logits, ``(B, K)``.
+        teacher_logits: the frozen source network's logits for the same inputs, ``(B, K)``.
+        temperature: ``T > 0``, finite.
+
+    Returns:
+        A scalar tensor, ``>= 0``; gradients flow to ``student_logits`` only.
+
+    Example:
+        >>> z = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> distillation_penalty(z, z, temperature=2.0)
+        tensor(0.)
+    """
+    if isinstance(temperature, bool) or not 0 < temperature < float("inf"):  # NaN fails too
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "Expected student and teacher logits of the same (B, K) shape, got student "
+            f"{tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}."
+        )
+    if student_logits.shape[0] == 0:
+        raise ValueError("distillation_penalty needs a non-empty batch; got B = 0.")
+    log_q = torch.log_softmax(student_logits / temperature, dim=1)  # (B, K)
+    log_p = torch.log_softmax(teacher_logits.detach() / temperature, dim=1)  # (B, K)
+    kl = torch.nn.functional.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return kl * temperature**2
