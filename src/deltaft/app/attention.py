@@ -63,10 +63,12 @@ def estimate_attention(
     num_classes: int,
     head: str,
     device: torch.device,
+    *,
+    progress: bool = False,
 ) -> ChannelAttention:
     """Estimate the channel attention on the training split, reproducibly from ``cfg.seed``
     (the RNGs are seeded from ``(seed, "attention")``, the data order from
-    ``(seed, "attention-data")``).
+    ``(seed, "attention-data")``); ``progress`` shows a bar while the channels are scored.
 
     Raises:
         ValueError: estimation failed; the message starts with ``attention estimation:``.
@@ -88,6 +90,7 @@ def estimate_attention(
             method=cfg.attention_method,
             head=head,
             device=device,
+            progress=progress,
         )
     except ValueError as error:
         raise ValueError(f"attention estimation: {error}") from None
@@ -100,13 +103,15 @@ def estimate_attention(
     return attention
 
 
-def run_attention(cfg: TrainConfig, path: str | Path) -> ChannelAttention:
+def run_attention(
+    cfg: TrainConfig, path: str | Path, *, progress: bool = False
+) -> ChannelAttention:
     """Estimate the channel attention of ``cfg.model`` on ``cfg.data`` and save it to ``path``.
 
     Uses ``cfg``'s data, model, layers (default rule when ``None``), batch size, seed and the
     ``attention_*``, ``temperature`` and ``bn`` settings; the result is identical to the one
     ``deltaft train`` with the same settings estimates, so the file can be reused with
-    ``attention``.
+    ``attention``. ``progress`` shows a bar (tqdm, on stderr) while the channels are scored.
 
     Raises:
         SettingError: ``path`` exists already (nothing is overwritten), or a bad setting.
@@ -125,6 +130,7 @@ def run_attention(cfg: TrainConfig, path: str | Path) -> ChannelAttention:
         len(built.classes),
         built.head,
         built.device,
+        progress=progress,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     attention.save(path)

@@ -43,7 +43,11 @@ _FEATURE_METHODS = ("fm", "delta")
 
 
 def run_training(
-    cfg: TrainConfig, *, progress: ProgressFn | None = None, dist: DistInfo | None = None
+    cfg: TrainConfig,
+    *,
+    progress: ProgressFn | None = None,
+    dist: DistInfo | None = None,
+    attention_progress: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and write the run directory.
 
@@ -69,6 +73,8 @@ def run_training(
         progress: called after every training step (see :class:`~deltaft.engine.Progress`);
             only on rank 0 under ``torchrun``.
         dist: the process group; default :func:`deltaft.app.distributed.current`.
+        attention_progress: show a progress bar (tqdm, on stderr) while the channel attention
+            is scored, which can take minutes on large models.
 
     Returns:
         The summary, as written to ``summary.json``: ``val_accuracy`` / ``test_accuracy``
@@ -88,7 +94,7 @@ def run_training(
     run = RunDir(cfg.out, write=dist.is_main)
     resume_state = open_run(run, cfg)
     dist.barrier()  # every process checked the directory before rank 0 writes to it
-    training = _build(cfg, run, dist, resume_state, started)
+    training = _build(cfg, run, dist, resume_state, started, attention_progress)
     training.fit(progress)
     return training.summarize()
 
@@ -121,6 +127,7 @@ def _attention(
     built: BuiltRun,
     layers: list[str],
     dist: DistInfo,
+    progress: bool,
 ) -> ChannelAttention:
     """The run's attention: the run's own file on resume, ``cfg.attention``, or estimated on
     rank 0 and broadcast to the other processes."""
@@ -134,7 +141,7 @@ def _attention(
     if dist.is_main:
         train, classes = built.splits.train, len(built.classes)
         estimated = estimate_attention(
-            cfg, built.source, train, layers, classes, built.head, built.device
+            cfg, built.source, train, layers, classes, built.head, built.device, progress=progress
         )
     return dist.broadcast_object(estimated)
 
@@ -235,6 +242,7 @@ def _build(
     dist: DistInfo,
     resume_state: Mapping[str, Any] | None,
     started: float,
+    attention_progress: bool,
 ) -> TrainingLoop:
     """Everything the run needs, restored from ``resume_state`` when given; the order of the
     steps is fixed (the RNG states they leave decide the initial weights)."""
@@ -252,7 +260,7 @@ def _build(
     attention, attention_seconds = None, 0.0
     if cfg.method == "delta" and layers is not None:
         tic = time.perf_counter()
-        attention = _attention(cfg, run, resume_state, built, layers, dist)
+        attention = _attention(cfg, run, resume_state, built, layers, dist, attention_progress)
         attention_seconds = time.perf_counter() - tic
         layers = attention.layers if cfg.layers is None else layers
     elif cfg.attention:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from deltaft.cli.options import add_settings, config_from_args
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from deltaft.app.attention import run_attention
 
     cfg = config_from_args(args, method="delta")
-    attention = run_attention(cfg, cfg.out)
+    bar = not args.quiet and sys.stderr.isatty()  # a bar while the channels are scored
+    attention = run_attention(cfg, cfg.out, progress=bar)
     print(f"wrote {cfg.out}")
     for name, weights in attention.weights.items():
         scaled = weights.double() * weights.numel()  # 1 = uniform

@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not info.is_main:
             logger.setLevel(logging.ERROR)
-        summary = run_training(cfg, progress=args.progress if info.is_main else None, dist=info)
+        progress = args.progress if info.is_main else None
+        bar = progress is not None and progress.tty  # a bar while the attention is scored
+        summary = run_training(cfg, progress=progress, dist=info, attention_progress=bar)
     finally:
         distributed.shutdown()
     if info.is_main:
