@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deltaft.app.compare import CompareResult, parse_methods, parse_seeds, run_compare
+from deltaft.app.compare import parse_methods, parse_seeds, run_compare
 from deltaft.app.config import TrainConfig
 from deltaft.app.errors import SettingError
+from deltaft.app.results import CompareResult
 from tests.cli_support import raises_rendered
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

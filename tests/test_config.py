@@ -8,6 +8,7 @@ import yaml
 
 from deltaft.app.config import DEFAULT_EPOCHS, RUNTIME_KEYS, TrainConfig, load_config
 from deltaft.app.config import REQUIRED as REQUIRED_KEYS
+from deltaft.app.data import build_datasets, check_sampling, stratified_indices, train_transform
 from deltaft.app.errors import SettingError
 from tests.cli_support import raises_rendered
 
@@ -85,6 +86,8 @@ def test_presets_exist() -> None:
         ({"epochs": 2, "iterations": 5}, r"either --epochs or --iterations, not both"),
         ({"per_class": 5, "fraction": 0.5}, r"either --per-class or --fraction, not both"),
         ({"fraction": 1.5}, r"--fraction must be in \(0, 1\]"),
+        ({"per_class": 0}, r"--per-class must be >= 1, got 0"),
+        ({"image_size": 7}, r"--image-size must be >= 8, got 7"),
         ({"val_split": 1.0}, r"--val-split must be in \[0, 1\)"),
         ({"hflip": 1.5}, r"--hflip must be in \[0, 1\], got 1.5"),
         ({"crop_scale": 0.0}, r"--crop-scale must be in \(0, 1\]"),
@@ -180,3 +183,29 @@ def test_setting_errors_name_settings_not_flags() -> None:
     assert info.value.settings == ("epochs", "iterations")
     with pytest.raises(SettingError, match=r"^layers must name distinct modules, got \['a', 'a'\]"):
         _cfg(layers=["a", "a"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "data_call"),
+    [
+        ({"per_class": 0}, lambda: stratified_indices([0, 1], per_class=0)),
+        ({"fraction": 1.5}, lambda: stratified_indices([0, 1], fraction=1.5)),
+        ({"per_class": 2, "fraction": 0.5}, lambda: check_sampling(2, 0.5)),
+        ({"val_split": 1.0}, lambda: build_datasets("unused", image_size=8, val_split=1.0)),
+        ({"image_size": 7}, lambda: train_transform(7)),
+        ({"hflip": 1.5}, lambda: train_transform(8, hflip=1.5)),
+        ({"crop_scale": 0.0}, lambda: train_transform(8, crop_scale=0.0)),
+        (
+            {"crop_scale": 0.5, "preset": "paper"},
+            lambda: train_transform(8, "paper", crop_scale=0.5),
+        ),
+    ],
+)
+def test_config_and_data_share_each_check(changes: dict[str, Any], data_call: Any) -> None:
+    """One check per setting: the config rejects a value with the data functions' message."""
+    with pytest.raises(SettingError) as from_config:
+        _cfg(**changes)
+    with pytest.raises(SettingError) as from_data:
+        data_call()
+    assert str(from_config.value) == str(from_data.value)
+    assert from_config.value.settings == from_data.value.settings

@@ -30,6 +30,7 @@ from deltaft.app.data import (
     train_transform,
     write_image_folder,
 )
+from deltaft.app.errors import SettingError
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 
@@ -268,15 +269,16 @@ def test_stratified_indices_short_class_warns(caplog: pytest.LogCaptureFixture) 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"per_class": 0}, "per_class must be an integer >= 1"),
-        ({"per_class": 2.5}, "per_class must be an integer >= 1"),
-        ({"fraction": 0.0}, r"fraction must be in \(0, 1\]"),
-        ({"fraction": 1.5}, r"fraction must be in \(0, 1\]"),
-        ({"per_class": 2, "fraction": 0.5}, "not both"),
+        ({"per_class": 0}, "^per_class must be >= 1, got 0"),
+        ({"per_class": 2.5}, "^per_class must be an integer, got 2.5"),
+        ({"per_class": True}, "^per_class must be an integer, got True"),
+        ({"fraction": 0.0}, r"^fraction must be in \(0, 1\], got 0.0"),
+        ({"fraction": 1.5}, r"^fraction must be in \(0, 1\], got 1.5"),
+        ({"per_class": 2, "fraction": 0.5}, "^Give either per_class or fraction, not both"),
     ],
 )
 def test_stratified_indices_errors(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(SettingError, match=match):
         stratified_indices([0, 1], **kwargs)
 
 
@@ -344,10 +346,12 @@ def test_hflip_probability_and_crop_scale() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"hflip": -0.1}, r"hflip is a probability in \[0, 1\], got -0.1"),
-        ({"crop_scale": 1.5}, r"crop_scale is the smallest area fraction .* got 1.5"),
+        ({"hflip": -0.1}, r"^hflip must be in \[0, 1\], got -0.1"),
+        ({"crop_scale": 1.5}, r"^crop_scale must be in \(0, 1\], got 1.5"),
         ({"crop_scale": 0.5, "preset": "paper"}, "Drop crop_scale or use preset default"),
-        ({"image_size": 0}, "image_size must be a positive integer"),
+        ({"image_size": 0}, "^image_size must be >= 8, got 0"),
+        ({"image_size": 7}, "^image_size must be >= 8, got 7"),
+        ({"image_size": 8.0}, "^image_size must be an integer, got 8.0"),
         ({"preset": "fancy"}, "Unknown preset 'fancy'"),
         ({"mean": (0.5, 0.5)}, "mean and std need 3 values"),
         ({"std": (0.5, 0.0, 0.5)}, "mean and std need 3 values"),
@@ -417,7 +421,8 @@ def test_subsampling_then_validation_split(tmp_path: Path) -> None:
         ("missing", {}, "does not exist"),
         ("test_only", {}, "no train/ folder"),
         ("mismatch", {}, "differ from the training classes"),
-        ("ok", {"val_split": 1.0}, r"val_split must be in \[0, 1\)"),
+        ("ok", {"val_split": 1.0}, r"val_split must be in \[0, 1\), got 1.0"),
+        ("ok", {"val_split": -0.1}, r"val_split must be in \[0, 1\), got -0.1"),
         ("ok", {"per_class": 2, "fraction": 0.5}, "not both"),
     ],
 )

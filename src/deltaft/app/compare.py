@@ -6,6 +6,9 @@ folder), then writes ``DIR/compare.md`` (markdown table), ``DIR/compare.json`` (
 ``DIR/compare.png`` (bar chart). A run whose ``summary.json`` exists is reused, not re-run, so an
 interrupted comparison continues where it stopped and adding a method or a seed only trains what is
 new.
+
+The results (:class:`RunResult`, :class:`CompareRow`, :class:`CompareResult`: tables, JSON and
+plot) are defined in :mod:`deltaft.app.results` and re-exported here.
 """
 
 from __future__ import annotations
@@ -14,17 +17,14 @@ import dataclasses
 import json
 import logging
 import logging.handlers
-import math
-import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from deltaft.app.errors import SettingError, literal
-from deltaft.app.plots import plot_compare
+from deltaft.app.results import CompareResult, CompareRow, RunResult
 from deltaft.app.tracking import RunDir
 from deltaft.objective import METHODS
 
@@ -47,203 +47,6 @@ logger = logging.getLogger(__name__)
 SCRATCH = "scratch"
 # Every training method, plus "scratch": method l2 from randomly initialised weights.
 COMPARE_METHODS: tuple[str, ...] = (*METHODS, SCRATCH)
-_SPLITS = ("test", "val")
-
-
-# ------------------------------------------------------------------------------------------------
-# Results
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunResult:
-    """One training run of a comparison.
-
-    Attributes:
-        method: the compared method's name (``scratch`` included).
-        seed: the run's seed.
-        accuracy: accuracy in percent on ``split``.
-        split: ``"test"``, or ``"val"`` when the data has no test split.
-        seconds: the run's wall-clock time, from its summary.
-        run_dir: the run folder.
-        reused: whether the run was found finished on disk instead of trained now.
-    """
-
-    method: str
-    seed: int
-    accuracy: float
-    split: str
-    seconds: float
-    run_dir: Path
-    reused: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (``run_dir`` as a string)."""
-        return {**dataclasses.asdict(self), "run_dir": str(self.run_dir)}
-
-
-@dataclass(frozen=True)
-class CompareRow:
-    """All runs of one method, in seed order.
-
-    Attributes:
-        method: the compared method's name.
-        runs: its runs.
-    """
-
-    method: str
-    runs: tuple[RunResult, ...]
-
-    @property
-    def accuracies(self) -> list[float]:
-        """Accuracy of each run, in percent."""
-        return [run.accuracy for run in self.runs]
-
-    @property
-    def n(self) -> int:
-        """Number of runs."""
-        return len(self.runs)
-
-    @property
-    def mean(self) -> float:
-        """Mean accuracy in percent (NaN without runs)."""
-        return statistics.fmean(self.accuracies) if self.runs else math.nan
-
-    @property
-    def std(self) -> float:
-        """Sample standard deviation (``ddof=1``) of the accuracy in percent; 0 for one run."""
-        return statistics.stdev(self.accuracies) if self.n > 1 else 0.0
-
-    @property
-    def seconds(self) -> float:
-        """Mean wall-clock seconds per run (NaN without runs)."""
-        return statistics.fmean(run.seconds for run in self.runs) if self.runs else math.nan
-
-    @property
-    def split(self) -> str:
-        """The evaluated split: ``"test"``, ``"val"``, or ``"test+val"`` when runs differ."""
-        return "+".join(s for s in _SPLITS if any(run.split == s for run in self.runs))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary of the row, without the runs."""
-        return {
-            "method": self.method,
-            "split": self.split,
-            "n": self.n,
-            "accuracy_mean": self.mean,
-            "accuracy_std": self.std,
-            "accuracies": self.accuracies,
-            "seeds": [run.seed for run in self.runs],
-            "seconds_per_run": self.seconds,
-        }
-
-
-@dataclass(frozen=True)
-class CompareResult:
-    """The outcome of :func:`run_compare`.
-
-    Attributes:
-        rows: one :class:`CompareRow` per method, in the order the methods were given.
-        seeds: the seeds every method ran with.
-        out: the comparison folder.
-        files: what :meth:`write` wrote (``markdown``, ``json``, ``plot``), once it has run.
-    """
-
-    rows: list[CompareRow]
-    seeds: list[int]
-    out: Path
-    files: dict[str, Path] = dataclasses.field(default_factory=dict)
-
-    @property
-    def runs(self) -> list[RunResult]:
-        """Every run, method by method."""
-        return [run for row in self.rows for run in row.runs]
-
-    def table_markdown(self) -> str:
-        """The markdown table, one row per method, and a line saying what the numbers are.
-
-        Columns: ``method``, ``accuracy (mean ± std, %)``, ``runs``, ``seconds / run``. The std is
-        the sample standard deviation over seeds (``ddof=1``), 0 when a method has a single run.
-
-        Example::
-
-            | method | accuracy (mean ± std, %) | runs | seconds / run |
-            |---|---:|---:|---:|
-            | l2 | 90.53 ± 0.45 | 3 | 41.2 |
-            | delta | 92.50 ± 0.56 | 3 | 55.0 |
-
-            Accuracy on the test split, mean ± sample std (ddof=1) over seeds 0, 1, 2 ...
-        """
-        lines = [
-            "| method | accuracy (mean ± std, %) | runs | seconds / run |",
-            "|---|---:|---:|---:|",
-        ]
-        splits = {row.split for row in self.rows}
-        for row in self.rows:
-            note = f" ({row.split})" if len(splits) > 1 else ""
-            lines.append(
-                f"| {row.method} | {row.mean:.2f} ± {row.std:.2f}{note} | {row.n} | "
-                f"{row.seconds:.1f} |"
-            )
-        if len(splits) == 1:
-            (split,) = splits
-            where = f"the {split} split" + (
-                " (the data has no test split)" if split == "val" else ""
-            )
-        else:
-            where = "the split named in each row (val: the data has no test split)"
-        seeds = ", ".join(str(s) for s in self.seeds)
-        lines += [
-            "",
-            f"Accuracy on {where}, mean ± sample standard deviation (ddof=1) over seeds {seeds}; "
-            "the std is 0 for a method with a single run. Seconds: wall-clock time of one run.",
-        ]
-        return "\n".join(lines) + "\n"
-
-    def _seed_table(self) -> str:
-        """Markdown table of every run's accuracy, one column per seed (paired across methods)."""
-        lines = [
-            "| method | " + " | ".join(f"seed {s}" for s in self.seeds) + " |",
-            "|---|" + "---:|" * len(self.seeds),
-        ]
-        for row in self.rows:
-            by_seed = {run.seed: run.accuracy for run in row.runs}
-            cells = [f"{by_seed[s]:.2f}" if s in by_seed else "" for s in self.seeds]
-            lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything in ``compare.json``: seeds, per-method rows and every run."""
-        return {
-            "seeds": self.seeds,
-            "methods": [row.method for row in self.rows],
-            "rows": [row.to_dict() for row in self.rows],
-            "runs": [run.to_dict() for run in self.runs],
-        }
-
-    def write(self, out: Path | None = None) -> dict[str, Path | None]:
-        """Write ``compare.md``, ``compare.json`` and ``compare.png`` into ``out`` (or ``.out``).
-
-        Returns:
-            ``{"markdown": path, "json": path, "plot": path or None}``; the plot is ``None``
-            when matplotlib is not installed.
-        """
-        out = self.out if out is None else Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        markdown = out / "compare.md"
-        markdown.write_text(
-            "# deltaft compare\n\n"
-            + self.table_markdown()
-            + "\n## Accuracy of each run (%)\n\n"
-            + self._seed_table()
-        )
-        summary = out / "compare.json"
-        summary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        splits = "/".join(sorted({row.split for row in self.rows}))
-        plot = plot_compare(
-            {row.method: row.accuracies for row in self.rows},
-            out / "compare.png",
-            title=f"{splits} accuracy, {len(self.seeds)} seed(s)",
-        )
-        return {"markdown": markdown, "json": summary, "plot": plot}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,29 +180,6 @@ def _check_reusable(summary: Mapping[str, Any], cfg: TrainConfig, run_dir: Path)
         )
 
 
-def _run_result(
-    method: str, seed: int, summary: Mapping[str, Any], run_dir: Path, *, reused: bool
-) -> RunResult:
-    for split in _SPLITS:
-        accuracy = summary.get(f"{split}_accuracy")
-        if accuracy is not None:
-            break
-    else:
-        raise SettingError(
-            f"The run in {literal(run_dir)} reports neither a test nor a validation accuracy; "
-            "give the data a test/ or val/ folder, or a validation split ({val_split})."
-        )
-    return RunResult(
-        method=method,
-        seed=seed,
-        accuracy=100.0 * float(accuracy),
-        split=split,
-        seconds=float(summary.get("seconds") or 0.0),
-        run_dir=run_dir,
-        reused=reused,
-    )
-
-
 class _ToLogger(logging.Handler):
     """Hands a record from a job's process to the logger of its name in this process.
 
@@ -458,7 +238,7 @@ def _train_in_jobs(
         jobs_in_order = [(index, cfg) for index, (_, _, cfg) in enumerate(todo)]
         for index, summary in pool.imap_unordered(_job_train, jobs_in_order):
             method, seed, cfg = todo[index]
-            run = _run_result(method, seed, summary, Path(cfg.out), reused=False)
+            run = RunResult.from_summary(method, seed, summary, Path(cfg.out), reused=False)
             done[(method, seed)] = run
             logger.info(
                 "compare %d/%d: %s, seed %d: %.2f %% (%s) in %.0f s -> %s",
@@ -549,7 +329,9 @@ def run_compare(
             summary = _read_summary(summary_path)
             _check_reusable(summary, cfg, run_dir)
             logger.info("compare %d/%d: reusing finished run %s", index, len(plan), run_dir)
-            done[(method, seed)] = _run_result(method, seed, summary, run_dir, reused=True)
+            done[(method, seed)] = RunResult.from_summary(
+                method, seed, summary, run_dir, reused=True
+            )
             continue
         if RunDir(run_dir).holds_run():  # interrupted: continue from its last checkpoint
             cfg = dataclasses.replace(cfg, resume=True)
@@ -559,7 +341,9 @@ def run_compare(
             action = "continuing interrupted run" if cfg.resume else f"{method}, seed {seed} ->"
             logger.info("compare %d/%d: %s %s", len(done) + 1, len(plan), action, cfg.out)
             summary = run_training(cfg, progress=progress)
-            done[(method, seed)] = _run_result(method, seed, summary, Path(cfg.out), reused=False)
+            done[(method, seed)] = RunResult.from_summary(
+                method, seed, summary, Path(cfg.out), reused=False
+            )
     else:
         _train_in_jobs(todo, jobs, done, len(plan))
     runs = {method: [done[(method, seed)] for seed in seed_list] for method in methods}

@@ -14,18 +14,24 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import torch
 import yaml
 
-from deltaft.app.data import Preset
+from deltaft.app.checks import above, at_least, exclusive, in_range
+from deltaft.app.config_io import coerce, normalise_keys, read_settings_file
+from deltaft.app.data import (
+    Preset,
+    check_crop_scale,
+    check_hflip,
+    check_image_size,
+    check_sampling,
+    check_val_split,
+)
 from deltaft.app.errors import SettingError, literal
 from deltaft.attention import BatchNormMode
 from deltaft.attention import Method as AttentionMethod
@@ -273,49 +279,26 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        """Coerce every value to its field's type, then check it.
+
+        The checks of data and transform settings are the data functions' own
+        (:func:`~deltaft.app.data.check_sampling`, :func:`~deltaft.app.data.check_val_split`,
+        :func:`~deltaft.app.data.check_image_size`, :func:`~deltaft.app.data.check_hflip`,
+        :func:`~deltaft.app.data.check_crop_scale`), so a value fails here exactly when it
+        would fail there, with the same message.
+        """
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
         for key in REQUIRED:
             if not getattr(self, key):
                 raise SettingError(f"{{{key}}} must not be empty.")
         for one, other in EXCLUSIVE:
-            if getattr(self, one) is not None and getattr(self, other) is not None:
-                raise SettingError(
-                    f"Give either {{{one}}} or {{{other}}}, not both (got {one}="
-                    f"{getattr(self, one)}, {other}={getattr(self, other)})."
-                )
+            exclusive(one, getattr(self, one), other, getattr(self, other))
         if self.epochs is None and self.iterations is None:
             self.epochs = DEFAULT_EPOCHS
-        _at_least("alpha", self.alpha, 0.0)
-        _at_least("beta", self.beta, 0.0)
-        _at_least("weight_decay", self.weight_decay, 0.0)
-        _above("lr", self.lr, 0.0)
-        if self.head_lr is not None:
-            _above("head_lr", self.head_lr, 0.0)
-        _in_range("momentum", self.momentum, 0.0, 1.0, right_open=True)
-        _at_least("batch_size", self.batch_size, 1)
-        if self.epochs is not None:
-            _at_least("epochs", self.epochs, 1)
-        if self.iterations is not None:
-            _at_least("iterations", self.iterations, 1)
-        _in_range("step_at", self.step_at, 0.0, 1.0, left_open=True, right_open=True)
-        _in_range("lr_gamma", self.lr_gamma, 0.0, 1.0, left_open=True)
-        if self.image_size is not None:
-            _at_least("image_size", self.image_size, 8)
-        if self.per_class is not None:
-            _at_least("per_class", self.per_class, 1)
-        if self.fraction is not None:
-            _in_range("fraction", self.fraction, 0.0, 1.0, left_open=True)
-        _in_range("val_split", self.val_split, 0.0, 1.0, right_open=True)
-        _in_range("hflip", self.hflip, 0.0, 1.0)
-        if self.crop_scale is not None:
-            _in_range("crop_scale", self.crop_scale, 0.0, 1.0, left_open=True)
-            if self.preset == "paper":
-                raise SettingError(
-                    "{crop_scale} sets the default preset's RandomResizedCrop; the paper preset "
-                    "crops a fixed size. Drop {crop_scale} or use {preset} default."
-                )
+        self._check_optimisation()
+        self._check_data()
         if self.layers is not None and (
             not self.layers or len(set(self.layers)) != len(self.layers)
         ):
@@ -323,11 +306,11 @@ class TrainConfig:
                 f"{{layers}} must name distinct modules, got {literal(self.layers)}; e.g. "
                 "{layers} layer1.2.conv3,layer2.3.conv3 (see `deltaft layers --model NAME`)."
             )
-        _at_least("attention_epochs", self.attention_epochs, 0)
-        _at_least("attention_batches", self.attention_batches, 1)
-        _above("temperature", self.temperature, 0.0)
-        _at_least("seed", self.seed, 0)
-        _at_least("workers", self.workers, 0)
+        at_least("attention_epochs", self.attention_epochs, 0)
+        at_least("attention_batches", self.attention_batches, 1)
+        above("temperature", self.temperature, 0.0)
+        at_least("seed", self.seed, 0)
+        at_least("workers", self.workers, 0)
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -336,6 +319,32 @@ class TrainConfig:
                     f"{{device}} {literal(repr(self.device))} is not a device; use auto, cpu, "
                     "cuda, cuda:N or mps."
                 ) from None
+
+    def _check_optimisation(self) -> None:
+        """Strengths, learning rates, batch size, training length and schedule."""
+        at_least("alpha", self.alpha, 0.0)
+        at_least("beta", self.beta, 0.0)
+        at_least("weight_decay", self.weight_decay, 0.0)
+        above("lr", self.lr, 0.0)
+        if self.head_lr is not None:
+            above("head_lr", self.head_lr, 0.0)
+        in_range("momentum", self.momentum, 0.0, 1.0, right_open=True)
+        at_least("batch_size", self.batch_size, 1)
+        if self.epochs is not None:
+            at_least("epochs", self.epochs, 1)
+        if self.iterations is not None:
+            at_least("iterations", self.iterations, 1)
+        in_range("step_at", self.step_at, 0.0, 1.0, left_open=True, right_open=True)
+        in_range("lr_gamma", self.lr_gamma, 0.0, 1.0, left_open=True)
+
+    def _check_data(self) -> None:
+        """Image size, subsampling, validation split and augmentation: the data's own checks."""
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+        check_sampling(self.per_class, self.fraction)
+        check_val_split(self.val_split)
+        check_hflip(self.hflip)
+        check_crop_scale(self.crop_scale, self.preset)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -427,153 +436,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
         ValueError: the file is missing or unreadable, is not YAML, is not a mapping, or has an
             unknown key (the message lists the valid keys).
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SettingError(
-            f"Config file {literal(path)} does not exist; check the {{config}} path."
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"Config file {path} cannot be read: {error}.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(error, "problem", None) or type(error).__name__
-        raise ValueError(f"Config file {path} is not valid YAML{at}: {problem}.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"Config file {path} must be a mapping of settings (key: value), got "
-            f"{type(data).__name__}."
-        )
-    return _normalise_keys(data, f"config file {path}")
+    return _normalise_keys(read_settings_file(path), f"config file {Path(path)}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
 def _normalise_keys(
     values: Mapping[str, Any], origin: str, *, strict: bool = True
 ) -> dict[str, Any]:
     """``values`` with ``-`` in keys turned into ``_``; unknown keys raise (or are dropped)."""
-    valid = TrainConfig.keys()
-    out: dict[str, Any] = {}
-    unknown = []
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name in valid:
-            out[name] = value
-        else:
-            unknown.append(str(key))
-    if unknown and strict:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(
-            f"Unknown setting(s) {', '.join(hints)} in {origin}; valid settings: "
-            f"{', '.join(sorted(valid))}."
-        )
-    return out
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """``value`` converted to the field type ``hint``, or a :class:`SettingError`."""
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = [a for a in get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(name, value, options[0])
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise SettingError(
-                f"{{{name}}} must be one of {', '.join(map(str, choices))}; "
-                f"got {literal(repr(value))}."
-            )
-        return value
-    if origin is list:
-        return _coerce_list(name, value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise SettingError(f"{{{name}}} must be true or false, got {literal(repr(value))}.")
-    if hint is int:
-        return _coerce_int(name, value)
-    if hint is float:
-        return _coerce_float(name, value)
-    if hint is str:
-        if isinstance(value, (str, Path)) and not isinstance(value, bool):
-            return str(value)
-        raise SettingError(f"{{{name}}} must be a string, got {literal(repr(value))}.")
-    raise TypeError(f"Unsupported field type {hint!r} for {name}.")  # a bug, not user input
-
-
-def _coerce_int(name: str, value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise SettingError(f"{{{name}}} must be an integer, got {literal(repr(value))}.")
-
-
-def _coerce_float(name: str, value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise SettingError(f"{{{name}}} must be a number, got {literal(repr(value))}.")
-
-
-def _coerce_list(name: str, value: Any) -> list[str]:
-    items: list[Any]
-    if isinstance(value, str):
-        items = [part.strip() for part in value.split(",")]
-    elif isinstance(value, (list, tuple)):
-        items = [part.strip() if isinstance(part, str) else part for part in value]
-    else:
-        raise SettingError(
-            f"{{{name}}} must be a list of names or 'a,b,c', got {literal(repr(value))}."
-        )
-    if not all(isinstance(part, str) and part for part in items):
-        raise SettingError(f"{{{name}}} must be non-empty names, got {literal(repr(value))}.")
-    return items
-
-
-def _at_least(name: str, value: float, low: float) -> None:
-    if not value >= low:  # also rejects NaN
-        raise SettingError(f"{{{name}}} must be >= {low:g}, got {value}.")
-
-
-def _above(name: str, value: float, low: float) -> None:
-    if not value > low:
-        raise SettingError(f"{{{name}}} must be > {low:g}, got {value}.")
-
-
-def _in_range(
-    name: str,
-    value: float,
-    low: float,
-    high: float,
-    *,
-    left_open: bool = False,
-    right_open: bool = False,
-) -> None:
-    ok_low = value > low if left_open else value >= low
-    ok_high = value < high if right_open else value <= high
-    if not (ok_low and ok_high) or math.isnan(value):
-        interval = f"{'(' if left_open else '['}{low:g}, {high:g}{')' if right_open else ']'}"
-        raise SettingError(f"{{{name}}} must be in {interval}, got {value}.")
+    return normalise_keys(values, TrainConfig.keys(), origin, strict=strict)

@@ -31,7 +31,12 @@ from deltaft.app.data.folders import (
     scan_images,
     write_image_folder,
 )
-from deltaft.app.data.sampling import check_sampling, stratified_indices, stratified_split
+from deltaft.app.data.sampling import (
+    check_sampling,
+    check_val_split,
+    stratified_indices,
+    stratified_split,
+)
 from deltaft.app.data.sources import (
     DEFAULT_DATA_ROOT,
     FAKEDATA_CLASSES,
@@ -45,7 +50,11 @@ from deltaft.app.data.sources import (
 from deltaft.app.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MIN_IMAGE_SIZE,
     Preset,
+    check_crop_scale,
+    check_hflip,
+    check_image_size,
     check_transform_args,
     eval_transform,
     train_transform,
@@ -58,6 +67,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MIN_IMAGE_SIZE",
     "TEST_FRACTION",
     "TEST_SPLIT_SEED",
     "TV_DATASETS",
@@ -65,8 +75,12 @@ __all__ = [
     "ImageFolder",
     "Preset",
     "build_datasets",
+    "check_crop_scale",
+    "check_hflip",
+    "check_image_size",
     "check_sampling",
     "check_transform_args",
+    "check_val_split",
     "class_folders",
     "eval_transform",
     "scan_images",

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from deltaft.app.errors import SettingError
+from deltaft.app.checks import at_least, exclusive, in_range, integer
 
-__all__ = ["check_sampling", "stratified_indices", "stratified_split"]
+__all__ = ["check_sampling", "check_val_split", "stratified_indices", "stratified_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,20 +34,33 @@ def _permuted(indices: list[int], seed: int, label: int, salt: int) -> list[int]
 
 
 def check_sampling(per_class: int | None, fraction: float | None) -> None:
-    """``per_class`` (an integer >= 1) or ``fraction`` (in (0, 1]), not both; ``None`` is unset."""
-    if per_class is not None and fraction is not None:
-        raise SettingError(
-            f"per_class={per_class} and fraction={fraction} were both given; "
-            "pass {per_class} or {fraction}, not both."
-        )
-    if per_class is not None and (
-        isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1
-    ):
-        raise SettingError(
-            f"per_class must be an integer >= 1, got {per_class!r}; e.g. {{per_class}} 30."
-        )
-    if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise SettingError(f"fraction must be in (0, 1], got {fraction!r}; e.g. {{fraction}} 0.15.")
+    """``per_class`` (an integer >= 1) or ``fraction`` (in (0, 1]), not both; ``None`` is unset.
+
+    The one check of these settings: :class:`~deltaft.app.config.TrainConfig` and
+    :func:`~deltaft.app.data.build_datasets` both call it.
+
+    Raises:
+        SettingError: both given, ``per_class`` not an integer or < 1, ``fraction`` outside
+            (0, 1].
+    """
+    exclusive("per_class", per_class, "fraction", fraction)
+    if per_class is not None:
+        integer("per_class", per_class)
+        at_least("per_class", per_class, 1)
+    if fraction is not None:
+        in_range("fraction", fraction, 0.0, 1.0, left_open=True)
+
+
+def check_val_split(val_split: float) -> None:
+    """``val_split`` in [0, 1): the share of the training images held out; 0 holds out none.
+
+    The one check of this setting: :class:`~deltaft.app.config.TrainConfig` and
+    :func:`~deltaft.app.data.build_datasets` both call it.
+
+    Raises:
+        SettingError: ``val_split`` outside [0, 1).
+    """
+    in_range("val_split", val_split, 0.0, 1.0, right_open=True)
 
 
 def stratified_indices(
@@ -76,7 +89,8 @@ def stratified_indices(
         is given.
 
     Raises:
-        ValueError: both options given, ``per_class < 1`` or ``fraction`` outside (0, 1].
+        SettingError: both options given, ``per_class < 1`` or ``fraction`` outside (0, 1]
+            (:func:`check_sampling`).
 
     Example:
         >>> stratified_indices([0, 0, 0, 1, 1, 1], per_class=2, seed=0)  # doctest: +SKIP
@@ -120,12 +134,17 @@ def stratified_split(
     (halves rounded up), chosen by a generator seeded with ``(seed, class)``; a class with a single
     sample stays in ``rest``. Both lists are sorted.
 
+    ``fraction`` is an argument, not a setting: :func:`~deltaft.app.data.build_datasets` passes
+    ``val_split`` once :func:`check_val_split` has checked it and found it above 0, the demo a
+    share it computes. So this check names no setting (a command-line flag would be the wrong one).
+
     Raises:
         ValueError: ``fraction`` is not in (0, 1).
     """
     if not 0.0 < fraction < 1.0:
-        raise SettingError(
-            f"A held-out fraction must be in (0, 1), got {fraction!r}; e.g. {{val_split}} 0.2."
+        raise ValueError(
+            f"The held-out fraction must be in (0, 1) (0 holds out nothing, 1 everything), got "
+            f"{fraction!r}."
         )
     rest: list[int] = []
     held: list[int] = []

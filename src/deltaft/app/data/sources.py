@@ -24,7 +24,12 @@ from torch.utils.data import Dataset
 
 from deltaft.app.data.folders import ImageFolder
 from deltaft.app.data.images import one_line
-from deltaft.app.data.sampling import check_sampling, stratified_indices, stratified_split
+from deltaft.app.data.sampling import (
+    check_sampling,
+    check_val_split,
+    stratified_indices,
+    stratified_split,
+)
 from deltaft.app.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -311,11 +316,7 @@ def build_datasets(
             disk (without ``download``), or an invalid option.
     """
     check_sampling(per_class, fraction)
-    if not 0.0 <= val_split < 1.0:
-        raise SettingError(
-            f"val_split must be in [0, 1), got {val_split!r}; e.g. {{val_split}} 0.2 (0 disables "
-            "it)."
-        )
+    check_val_split(val_split)
     train_tf = train_transform(image_size, preset, mean, std, hflip=hflip, crop_scale=crop_scale)
     eval_tf = eval_transform(image_size, preset, mean, std)
     if data.startswith("tv:"):

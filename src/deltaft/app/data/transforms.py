@@ -7,13 +7,18 @@ from typing import Any, Literal
 
 from torchvision import transforms as T
 
+from deltaft.app.checks import at_least, in_range, integer
 from deltaft.app.data.images import ToRGB
 from deltaft.app.errors import SettingError
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MIN_IMAGE_SIZE",
     "Preset",
+    "check_crop_scale",
+    "check_hflip",
+    "check_image_size",
     "check_transform_args",
     "eval_transform",
     "train_transform",
@@ -27,12 +32,55 @@ _DEFAULT_CROP_SCALE = 0.25  # train: RandomResizedCrop keeps at least this share
 Preset = Literal["default", "paper"]
 
 
+# The smallest image side: the stem of an ImageNet network (a stride-2 convolution, then
+# stride-2 pooling or convolutions) leaves nothing to pool from fewer pixels.
+MIN_IMAGE_SIZE = 8
+
+
+def check_image_size(image_size: int) -> None:
+    """``image_size`` is an integer >= :data:`MIN_IMAGE_SIZE` (8).
+
+    The one check of this setting: :class:`~deltaft.app.config.TrainConfig` and the transforms
+    (so :func:`~deltaft.app.data.build_datasets`) both call it.
+
+    Raises:
+        SettingError: not an integer, or below 8.
+    """
+    integer("image_size", image_size)
+    at_least("image_size", image_size, MIN_IMAGE_SIZE)
+
+
+def check_hflip(hflip: float) -> None:
+    """``hflip``, the probability of the training flip, is in [0, 1].
+
+    Raises:
+        SettingError: ``hflip`` outside [0, 1].
+    """
+    in_range("hflip", hflip, 0.0, 1.0)
+
+
+def check_crop_scale(crop_scale: float | None, preset: str) -> None:
+    """``crop_scale`` (``None``: the default 0.25) is in (0, 1], and only with the default preset.
+
+    Raises:
+        SettingError: ``crop_scale`` outside (0, 1], or given with the ``paper`` preset.
+    """
+    if crop_scale is None:
+        return
+    in_range("crop_scale", crop_scale, 0.0, 1.0, left_open=True)
+    if preset == "paper":
+        raise SettingError(
+            "{crop_scale} sets the default preset's RandomResizedCrop; the paper preset "
+            "crops a fixed size. Drop {crop_scale} or use {preset} default."
+        )
+
+
 def check_transform_args(
     image_size: int, preset: str, mean: Sequence[float], std: Sequence[float]
 ) -> None:
-    """A positive integer size, a known preset, three means and three positive stds."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+    """An integer size >= 8 (:func:`check_image_size`), a known preset, three means and three
+    positive stds."""
+    check_image_size(image_size)
     if preset not in ("default", "paper"):
         raise ValueError(f"Unknown preset {preset!r}; choose 'default' or 'paper'.")
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -66,18 +114,8 @@ def train_transform(
     a picklable class (no lambdas), so DataLoader workers can use it.
     """
     check_transform_args(image_size, preset, mean, std)
-    if not 0.0 <= hflip <= 1.0:
-        raise ValueError(f"hflip is a probability in [0, 1], got {hflip!r}; 0 turns flips off.")
-    if crop_scale is not None and preset == "paper":
-        raise SettingError(
-            "crop_scale belongs to the default preset's RandomResizedCrop; the paper preset "
-            "crops a fixed size. Drop {crop_scale} or use {preset} default."
-        )
-    if crop_scale is not None and not 0.0 < crop_scale <= 1.0:
-        raise SettingError(
-            f"crop_scale is the smallest area fraction a crop keeps, in (0, 1], got "
-            f"{crop_scale!r}; e.g. {{crop_scale}} 0.5."
-        )
+    check_hflip(hflip)
+    check_crop_scale(crop_scale, preset)
     steps: list[Any] = [ToRGB()]
     if preset == "paper":
         side = _paper_resize(image_size)

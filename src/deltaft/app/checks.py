@@ -1,0 +1,67 @@
+"""The bounds checks that settings share: each raises a :class:`SettingError` naming the setting.
+
+``name`` is the setting's parameter name (``lr``); the command line renders it as a flag (``--lr``).
+Every check also rejects NaN, which compares false with any bound.
+
+Example:
+    >>> in_range("hflip", 0.5, 0.0, 1.0)
+    >>> try:
+    ...     in_range("val_split", 1.0, 0.0, 1.0, right_open=True)
+    ... except SettingError as error:
+    ...     print(error)
+    val_split must be in [0, 1), got 1.0.
+"""
+
+from __future__ import annotations
+
+import math
+
+from deltaft.app.errors import SettingError, literal
+
+__all__ = ["above", "at_least", "exclusive", "in_range", "integer"]
+
+
+def at_least(name: str, value: float, low: float) -> None:
+    """``value >= low``, else "``{name} must be >= low, got value.``"."""
+    if not value >= low:  # also rejects NaN
+        raise SettingError(f"{{{name}}} must be >= {low:g}, got {value}.")
+
+
+def above(name: str, value: float, low: float) -> None:
+    """``value > low``, else "``{name} must be > low, got value.``"."""
+    if not value > low:
+        raise SettingError(f"{{{name}}} must be > {low:g}, got {value}.")
+
+
+def in_range(
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    left_open: bool = False,
+    right_open: bool = False,
+) -> None:
+    """``value`` in ``[low, high]`` (``(`` / ``)`` where open), else "``{name} must be in
+    [low, high], got value.``"."""
+    ok_low = value > low if left_open else value >= low
+    ok_high = value < high if right_open else value <= high
+    if not (ok_low and ok_high) or math.isnan(value):
+        interval = f"{'(' if left_open else '['}{low:g}, {high:g}{')' if right_open else ']'}"
+        raise SettingError(f"{{{name}}} must be in {interval}, got {value}.")
+
+
+def integer(name: str, value: object) -> None:
+    """``value`` is an ``int`` (``bool`` is not), else "``{name} must be an integer, got
+    value.``" (the message of a value that cannot be read as an integer)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingError(f"{{{name}}} must be an integer, got {literal(repr(value))}.")
+
+
+def exclusive(one: str, one_value: object, other: str, other_value: object) -> None:
+    """At most one of two settings is given (not ``None``)."""
+    if one_value is not None and other_value is not None:
+        raise SettingError(
+            f"Give either {{{one}}} or {{{other}}}, not both (got {one}={literal(one_value)}, "
+            f"{other}={literal(other_value)})."
+        )
