@@ -373,3 +373,105 @@ def ref_cotuning_loss(logits: Tensor, labels: Tensor, relationship: Tensor) -> T
         for k, v in enumerate(row):
             total -= float(relationship[label, k]) * (v - log_norm)
     return torch.tensor(total / logits.shape[0], dtype=torch.float64)
+
+
+# --- token (B, N, C) and channels-last (B, H, W, C) references ---
+
+
+def ref_delta_penalty_tokens(
+    source: dict[str, Tensor],
+    target: dict[str, Tensor],
+    weights: dict[str, Tensor] | None = None,
+    reduction: str = "sum",
+) -> Tensor:
+    """sum_l 1/2 sum_b sum_j C * w[l,j] * (1/N) sum_n (t[b,n,j] - s[b,n,j])^2  (/B when 'mean')."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name in target:
+        t, s = target[name].double(), source[name].double()
+        b_size, tokens, channels = t.shape
+        layer = torch.zeros((), dtype=torch.float64)
+        for b in range(b_size):
+            for j in range(channels):
+                sq = torch.zeros((), dtype=torch.float64)
+                for n in range(tokens):
+                    sq = sq + (t[b, n, j] - s[b, n, j]) ** 2
+                wj = 1.0 / channels if weights is None else float(weights[name][j])
+                layer = layer + channels * wj * sq / tokens
+        layer = 0.5 * layer
+        if reduction == "mean":
+            layer = layer / b_size
+        total = total + layer
+    return total
+
+
+def ref_delta_penalty_channels_last(
+    source: dict[str, Tensor],
+    target: dict[str, Tensor],
+    weights: dict[str, Tensor] | None = None,
+    reduction: str = "sum",
+) -> Tensor:
+    """As ref_delta_penalty for (B, H, W, C) maps: channel j is [b, :, :, j]."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name in target:
+        t, s = target[name].double(), source[name].double()
+        b_size, height, width, channels = t.shape
+        layer = torch.zeros((), dtype=torch.float64)
+        for b in range(b_size):
+            for j in range(channels):
+                sq = torch.zeros((), dtype=torch.float64)
+                for h in range(height):
+                    for w in range(width):
+                        sq = sq + (t[b, h, w, j] - s[b, h, w, j]) ** 2
+                wj = 1.0 / channels if weights is None else float(weights[name][j])
+                layer = layer + channels * wj * sq / (height * width)
+        layer = 0.5 * layer
+        if reduction == "mean":
+            layer = layer / b_size
+        total = total + layer
+    return total
+
+
+def ref_removal_scores_last_axis(
+    model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], layers: list[str]
+) -> dict[str, Tensor]:
+    """ref_removal_scores for layers whose channels are the LAST axis ((B, N, C), (B, H, W, C)).
+
+    Removing channel j zeroes out[..., j]: feature j at every token or position.
+    """
+    model.eval()
+    modules = dict(model.named_modules())
+    scores: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name in layers:
+            per_batch = []
+            for x, y in batches:
+                base = torch.nn.functional.cross_entropy(model(x), y)
+                deltas = []
+                for j in range(_last_axis_size(modules[name], model, x)):
+
+                    def zero_feature(
+                        module: torch.nn.Module, args: object, out: Tensor, j: int = j
+                    ) -> Tensor:
+                        out = out.clone()
+                        out[..., j] = 0
+                        return out
+
+                    handle = modules[name].register_forward_hook(zero_feature)
+                    try:
+                        logits = model(x)
+                    finally:
+                        handle.remove()
+                    deltas.append(torch.nn.functional.cross_entropy(logits, y) - base)
+                per_batch.append(torch.stack(deltas))
+            scores[name] = torch.stack(per_batch).mean(dim=0)
+    return scores
+
+
+def _last_axis_size(module: torch.nn.Module, model: torch.nn.Module, x: Tensor) -> int:
+    seen: list[int] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.shape[-1]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]

@@ -114,7 +114,7 @@ def test_errors() -> None:
         RF.delta_penalty(s, t, reduction="avg")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="same layers"):
         RF.delta_penalty({"a": s["a"]}, t)
-    with pytest.raises(ValueError, match=r"same \(B, C, H, W\) shape"):
+    with pytest.raises(ValueError, match=r"same shape"):
         RF.feature_map_penalty({"a": s["a"][:, :2], "b.c": s["b.c"]}, t)
     with pytest.raises(ValueError, match="No attention weights for layer 'b.c'"):
         RF.delta_penalty(s, t, {"a": _weights(0)["a"]})

@@ -1,8 +1,13 @@
-"""Which feature maps DELTA regularizes, and checks on user-chosen layer names.
+"""Which feature maps DELTA regularizes, their layouts, and checks on user-chosen layer names.
 
 The reference code regularizes the output of the last block of each resolution stage. This module
 reproduces its tables for ResNet and Inception-V3 and applies the same rule to any other CNN by a
 dry forward pass.
+
+A feature map has one of three layouts (:data:`Layout`): ``"BCHW"`` (convolutional maps),
+``"BHWC"`` (channels last, e.g. Swin's stage outputs) and ``"BNC"`` (token sequences of vision
+transformers). :func:`detect_layouts` finds a layer's layout from dry forward passes at two input
+sizes: the axes that scale with the image are positions, the one that stays is the channel axis.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,13 +23,29 @@ from torch import Tensor, nn
 from deltaft._utils import dtype_device, eval_mode, get_submodule
 
 __all__ = [
+    "LAYOUTS",
     "LayerInfo",
+    "Layout",
+    "channel_axis",
     "default_layers",
     "describe_layers",
+    "detect_layouts",
+    "layout_of",
     "output_shapes",
     "resolve_layers",
     "validate_layers",
 ]
+
+Layout = Literal["BCHW", "BHWC", "BNC"]
+LAYOUTS: tuple[str, ...] = ("BCHW", "BHWC", "BNC")
+# Layouts: (B, C, H, W) convolutional maps, (B, H, W, C) channels-last maps (Swin, ConvNeXt
+# blocks), (B, N, C) token sequences (ViT, DeiT: the N tokens play the role of the H x W positions)
+_CHANNEL_AXIS = {"BCHW": 1, "BHWC": 3, "BNC": 2}
+_RANK = {"BCHW": 4, "BHWC": 4, "BNC": 3}
+_HOW_TO_DECLARE = (
+    "declare it: layouts={{{name!r}: 'BHWC'}} in the library (one of BCHW, BHWC, BNC), "
+    "--layout on the command line"
+)
 
 INCEPTION_V3_LAYERS = ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"]
 MIN_REDUCTION = 4  # stages at stride 2 (the stem) are not regularized, as in the reference
@@ -50,6 +71,154 @@ class LayerInfo:
 def _dry_run_input(model: nn.Module, input_size: int) -> Tensor:
     dtype, device = dtype_device(model)
     return torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype)
+
+
+def channel_axis(layout: Layout) -> int:
+    """The channel axis of ``layout``: 1 for ``"BCHW"``, 3 for ``"BHWC"``, 2 for ``"BNC"``.
+
+    Raises:
+        ValueError: ``layout`` is not one of :data:`LAYOUTS`.
+    """
+    if layout not in _CHANNEL_AXIS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
+    return _CHANNEL_AXIS[layout]
+
+
+def layout_of(
+    name: str, shape: Sequence[int], layouts: Mapping[str, Layout] | Layout | None
+) -> Layout:
+    """The layout of layer ``name`` whose map has ``shape``, checked against its rank.
+
+    ``layouts`` is one layout for every layer, a mapping by layer name, or ``None``: then the
+    rank decides, ``"BCHW"`` for 4-D maps and ``"BNC"`` for 3-D maps (a channels-last map must be
+    declared ``"BHWC"``, or found by :func:`detect_layouts`).
+
+    Raises:
+        ValueError: the layout is unknown, missing from the mapping, or of another rank than the
+            map, or (``layouts=None``) the map is neither 3-D nor 4-D.
+    """
+    if layouts is None:
+        if len(shape) not in (3, 4):
+            raise ValueError(
+                f"Layer {name!r}: expected a (B, C, H, W), (B, H, W, C) or (B, N, C) feature map, "
+                f"got shape {tuple(shape)}; choose a module whose output has a channel axis."
+            )
+        return "BCHW" if len(shape) == 4 else "BNC"
+    if isinstance(layouts, str):
+        layout = layouts
+    elif name in layouts:
+        layout = layouts[name]
+    else:
+        raise ValueError(f"No layout for layer {name!r}; layouts cover {sorted(layouts)}.")
+    channel_axis(layout)  # checks the name
+    if len(shape) != _RANK[layout]:
+        raise ValueError(
+            f"Layer {name!r} is declared {layout} but its map has shape {tuple(shape)}; "
+            f"a {layout} map is {_RANK[layout]}-D. Declare the layout that the module outputs."
+        )
+    return layout
+
+
+def _layout_from_two_sizes(first: tuple[int, ...], second: tuple[int, ...] | None) -> Layout | None:
+    """The layout whose position axes change between two input sizes, or ``None`` if unclear."""
+    if second is None or len(first) != len(second) or len(first) not in (3, 4):
+        return None
+    stays = {axis for axis in range(1, len(first)) if first[axis] == second[axis]}
+    for layout, axis in _CHANNEL_AXIS.items():
+        if _RANK[layout] == len(first) and stays == {axis}:
+            return cast(Layout, layout)
+    return None
+
+
+def _declared_layout(model: nn.Module, shape: tuple[int, ...]) -> Layout | None:
+    """The layout a fixed-size model declares: timm's ``output_fmt``, a transformer's width."""
+    if len(shape) == 4:
+        fmt = getattr(model, "output_fmt", None)
+        fmt = getattr(fmt, "value", fmt)  # timm's Format enum or a plain string
+        return {"NHWC": "BHWC", "NCHW": "BCHW"}.get(str(fmt))  # type: ignore[return-value]
+    if len(shape) == 3:
+        widths = {getattr(model, a, None) for a in ("embed_dim", "hidden_dim", "num_features")}
+        config = getattr(model, "config", None)
+        widths.add(getattr(config, "hidden_size", None))
+        return "BNC" if shape[2] in widths else None
+    return None
+
+
+def _second_input(example: Tensor) -> Tensor:
+    """A zero input like ``example`` with its spatial sides doubled."""
+    return example.new_zeros((*example.shape[:-2], 2 * example.shape[-2], 2 * example.shape[-1]))
+
+
+def detect_layouts(
+    model: nn.Module, layers: Sequence[str], *, input_size: int | Tensor = 224
+) -> dict[str, Layout]:
+    """The layout of each layer's output, from eval-mode dry forwards at two input sizes.
+
+    The first pass takes a ``(1, 3, S, S)`` zero image (or ``input_size`` itself when it is an
+    example input tensor), the second the same with sides ``2S``. Axes whose size changes are
+    positions (``H, W`` or the tokens ``N``); the one axis that stays is the channel axis:
+
+    * 4-D, axis 1 stays: ``"BCHW"``; axis 3 stays: ``"BHWC"`` (e.g. Swin's stage outputs).
+    * 3-D, axis 2 stays and axis 1 (the tokens) changes: ``"BNC"``.
+
+    When the model cannot take the second size (a fixed-size ViT), the model's declaration
+    decides: timm's ``output_fmt`` (``NHWC`` / ``NCHW``) for 4-D maps, and ``"BNC"`` for a 3-D map
+    whose last axis is the model's width (``embed_dim``, ``hidden_dim``, ``num_features`` or
+    ``config.hidden_size``). Modes are restored afterwards.
+
+    Raises:
+        ValueError: a name is not a module, a layer does not run, or its layout cannot be
+            decided (e.g. a ``(B, C, 1, 1)`` pooled output, per-head attention tensors, or a
+            fixed-size model that declares nothing); the message says how to declare it.
+
+    Example:
+        >>> import torchvision
+        >>> detect_layouts(torchvision.models.swin_t(), ["features.1"], input_size=64)
+        {'features.1': 'BHWC'}
+    """
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    modules = resolve_layers(model, layers)
+    x = input_size if isinstance(input_size, Tensor) else _dry_run_input(model, input_size)
+    with eval_mode(model), torch.no_grad():
+        first = output_shapes(model, x[:1], modules)
+        try:
+            second: dict[str, list[tuple[int, ...] | type]] | None = output_shapes(
+                model, _second_input(x[:1]), modules
+            )
+        except Exception:  # a fixed-size model raises many types; its declaration decides below
+            second = None
+    sides = f"{x.shape[-2]}x{x.shape[-1]}"
+    layouts: dict[str, Layout] = {}
+    for name in layers:
+        shape = first[name][0] if first.get(name) else None
+        if not isinstance(shape, tuple):
+            got = "does not run in forward()" if shape is None else f"returns {shape.__name__}"
+            raise ValueError(
+                f"Layer {name!r} of {type(model).__name__} {got}; choose a module whose output "
+                "is a feature map."
+            )
+        if len(shape) not in (3, 4):
+            raise ValueError(
+                f"Layer {name!r} of {type(model).__name__} gave shape {shape}, which has no "
+                "channel and position axes."
+            )
+        other = second[name][0] if second is not None and second.get(name) else None
+        layout = _layout_from_two_sizes(shape, other if isinstance(other, tuple) else None)
+        if layout is None and second is None:
+            layout = _declared_layout(model, shape)
+        if layout is None:
+            seen = (
+                f"{shape} at {sides} and {other} at twice that size"
+                if second is not None
+                else f"{shape} at {sides}, and the model does not take another input size"
+            )
+            raise ValueError(
+                f"Cannot tell which axis of layer {name!r} holds the channels: its output is "
+                f"{seen}; choose a layer whose map is (B, C, H, W), (B, H, W, C) or (B, N, C), "
+                f"or {_HOW_TO_DECLARE.format(name=name)}."
+            )
+        layouts[name] = layout
+    return layouts
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
@@ -144,6 +313,38 @@ def _resnet_layers(model: nn.Module) -> list[str] | None:
     return names
 
 
+def _evenly_spaced(prefix: str, count: int, depths: int = 4) -> list[str]:
+    """``depths`` block names spread over ``count`` blocks, the last included (12: 2 5 8 11)."""
+    picks = sorted({round((i + 1) * count / depths) - 1 for i in range(min(depths, count))})
+    return [f"{prefix}{i}" for i in picks]
+
+
+def _transformer_layers(model: nn.Module) -> list[str] | None:
+    """The residual stream of a vision transformer at 4 depths, or Swin's stage ends.
+
+    * timm ViT / DeiT / EVA / DINOv2 (``patch_embed`` and ``blocks``): ``blocks.N``.
+    * torchvision ``vit_*``: ``encoder.layers.encoder_layer_N``.
+    * torchvision ``swin_*``: the stage ``Sequential`` s of ``features`` (``features.1 .3 .5 .7``).
+    """
+    blocks = getattr(model, "blocks", None)
+    kinds = (nn.Sequential, nn.ModuleList)
+    flat = isinstance(blocks, kinds) and len(blocks) and not isinstance(blocks[0], kinds)
+    if hasattr(model, "patch_embed") and flat:  # a flat list of blocks, not of stages
+        return _evenly_spaced("blocks.", len(cast(nn.Module, blocks)._modules))
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if hasattr(model, "conv_proj") and isinstance(layers, nn.Sequential) and len(layers):
+        names = [name for name, _ in layers.named_children()]
+        prefix = names[0].rstrip("0123456789")
+        if names == [f"{prefix}{i}" for i in range(len(names))]:
+            return _evenly_spaced(f"encoder.layers.{prefix}", len(names))
+    features = getattr(model, "features", None)
+    if type(model).__name__.startswith("SwinTransformer") and isinstance(features, nn.Sequential):
+        stages = [f"features.{n}" for n, m in features.named_children() if type(m) is nn.Sequential]
+        return stages[1:] if len(stages) > 1 else None  # features.0 is the patch embedding
+    return None
+
+
 def _timm_layers(model: nn.Module) -> list[str] | None:
     info = getattr(model, "feature_info", None)
     if not isinstance(info, list) or not info or not isinstance(info[0], dict):
@@ -200,6 +401,11 @@ def default_layers(model: nn.Module, *, input_size: int = 224) -> list[str]:
     * ResNet (torchvision or timm): ``layerN.<last block>.conv3`` for bottleneck blocks
       (ResNet-50/101/152), ``.conv2`` for basic blocks (ResNet-18/34), as in the reference code.
     * Inception-V3: ``Conv2d_2b_3x3 Conv2d_4a_3x3 Mixed_5d Mixed_6e`` (reference table).
+    * Vision transformers: the residual stream (``(B, N, C)`` tokens) after 4 evenly spaced
+      blocks, the last included: timm ViT/DeiT/EVA/DINOv2 ``blocks.N`` (ViT-B: 2 5 8 11),
+      torchvision ``vit_*`` ``encoder.layers.encoder_layer_N``; torchvision ``swin_*``: the end
+      of each stage, ``features.1 .3 .5 .7`` (``(B, H, W, C)`` maps; timm Swin through its
+      ``feature_info``).
     * timm models with ``feature_info``: its modules at stride >= 4.
     * Any other CNN: the last block of each resolution stage at stride >= 4, from a dry forward
       pass of a ``input_size`` square image (MobileNetV2: ``features.3 .6 .13 .17``).
@@ -211,17 +417,34 @@ def default_layers(model: nn.Module, *, input_size: int = 224) -> list[str]:
     """
     if all(hasattr(model, n) for n in INCEPTION_V3_LAYERS):
         return list(INCEPTION_V3_LAYERS)
-    for rule in (_resnet_layers, _timm_layers):
+    for rule in (_resnet_layers, _transformer_layers, _timm_layers):
         names = rule(model)
         if names:
             return names
     return _stage_layers(model, input_size)
 
 
+def _qualifying(model: nn.Module, input_size: int) -> list[str]:
+    """Modules whose output has a channel axis that two dry forwards decide (hint for errors)."""
+    first = describe_layers(model, input_size=input_size)
+    try:
+        second = {i.name: i.shape for i in describe_layers(model, input_size=2 * input_size)}
+    except Exception:  # a fixed-size model: the declaration decides, as in detect_layouts
+        return [i.name for i in first if i.shape and _declared_layout(model, i.shape)]
+    return [i.name for i in first if i.shape and _layout_from_two_sizes(i.shape, second[i.name])]
+
+
 def validate_layers(
-    model: nn.Module, layers: Sequence[str], *, input_size: int = 224
+    model: nn.Module,
+    layers: Sequence[str],
+    *,
+    input_size: int = 224,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Check that every name is a module of ``model`` with a ``(B, C, H, W)`` output.
+    """Check that every name is a module of ``model`` whose output has a known channel axis.
+
+    The layouts are ``layouts`` where given (checked against each output's rank), else found by
+    :func:`detect_layouts`.
 
     Returns:
         ``{name: output shape for a batch of one}``, in the order given.
@@ -230,10 +453,12 @@ def validate_layers(
         model: the network.
         layers: dotted module names, or a single name.
         input_size: side of the square zero image of the dry forward pass.
+        layouts: declared layouts by layer name; ``None`` to detect them.
 
     Raises:
         ValueError: empty or repeated names, an unknown name (close matches listed), a module that
-            does not run in ``forward`` or whose output is not 4-D.
+            does not run in ``forward``, or whose output's layout cannot be decided or is not the
+            declared one (the message lists layers that qualify).
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     resolve_layers(model, layers)
@@ -241,12 +466,18 @@ def validate_layers(
     shapes: dict[str, tuple[int, ...]] = {}
     for name in layers:
         shape = infos[name].shape
-        if shape is None or len(shape) != 4:
-            four_d = [n for n, i in infos.items() if i.shape is not None and len(i.shape) == 4]
-            got = "no tensor" if shape is None else f"shape {shape}"
+        try:
+            if shape is None:
+                raise ValueError(f"Layer {name!r} of {type(model).__name__} gave no tensor.")
+            if layouts is None:
+                detect_layouts(model, [name], input_size=input_size)
+            else:
+                layout_of(name, shape, layouts)
+        except ValueError as error:
+            some = ", ".join(_qualifying(model, input_size)[-8:]) or "none"
             raise ValueError(
-                f"Layer {name!r} of {type(model).__name__} gave {got}; DELTA needs a module with "
-                f"a (B, C, H, W) output. Some that qualify: {', '.join(four_d[-8:])}."
-            )
+                f"{error} DELTA needs a module with a (B, C, H, W), (B, H, W, C) or (B, N, C) "
+                f"output. Some that qualify: {some}."
+            ) from None
         shapes[name] = shape
     return shapes

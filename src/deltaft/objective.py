@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from deltaft._utils import get_submodule, logits_of
 from deltaft.heads import find_head, head_parameter_names
 from deltaft.hooks import FeatureExtractor
-from deltaft.layers import default_layers
+from deltaft.layers import Layout, channel_axis, default_layers, detect_layouts
 from deltaft.regularizers import functional as RF
 from deltaft.regularizers.modules import (
     BSSRegularizer,
@@ -86,6 +86,11 @@ class TransferObjective(nn.Module):
         bss: strength ``eta`` of the Batch Spectral Shrinkage term on the head's input; 0 (the
             default) leaves it out.
         bss_k: how many of the smallest singular values it shrinks.
+        layouts: the regularized maps' layouts by layer name (``"BCHW"``, ``"BHWC"`` for
+            channels-last maps such as Swin's, ``"BNC"`` for tokens); ``None``: found by
+            :func:`~deltaft.layers.detect_layouts` from dry forwards of ``model`` at
+            ``input_size`` and twice that, an error when it cannot decide. Kept in
+            :attr:`layouts`.
 
     Example:
         >>> import copy, torch, torchvision
@@ -116,6 +121,7 @@ class TransferObjective(nn.Module):
         input_size: int = 224,
         bss: float = 0.0,
         bss_k: int = 1,
+        layouts: Mapping[str, Layout] | None = None,
     ) -> None:
         super().__init__()
         _check_arguments(method, layers, attention, alpha, beta, weight_decay)
@@ -129,8 +135,10 @@ class TransferObjective(nn.Module):
         if not self.head_names:
             raise ValueError(f"Head {self.head!r} has no parameters; name the new classifier.")
         self.layers: list[str] = []
+        self.layouts: dict[str, Layout] = {}
         if method in ("fm", "delta"):
             self.layers = self._resolve_layers(layers, attention, source, input_size)
+            self.layouts = self._resolve_layouts(layouts, input_size)
         if isinstance(source, FrozenSource):
             self.source = source
             if self.layers and set(source.layers) != set(self.layers):
@@ -154,14 +162,26 @@ class TransferObjective(nn.Module):
             return list(source.layers)
         return default_layers(self.model, input_size=input_size)
 
+    def _resolve_layouts(
+        self, layouts: Mapping[str, Layout] | None, input_size: int
+    ) -> dict[str, Layout]:
+        if layouts is None:
+            return detect_layouts(self.model, self.layers, input_size=input_size)
+        missing = [n for n in self.layers if n not in layouts]
+        if missing:
+            raise ValueError(f"No layout for layers {missing}; layouts cover {sorted(layouts)}.")
+        for name in self.layers:
+            channel_axis(layouts[name])  # each map is checked against its rank in the penalty
+        return {name: layouts[name] for name in self.layers}
+
     def _build_terms(self, attention: Any, reduction: RF.Reduction) -> dict[str, nn.Module]:
         """The regularizers by the part they produce, in the order they are added to the loss."""
         terms: dict[str, nn.Module] = {}
         if self.method == "fm":
-            terms["reg/fm"] = FeatureMapRegularizer(reduction)
+            terms["reg/fm"] = FeatureMapRegularizer(reduction, self.layouts)
         elif self.method == "delta":
             weights = self._attention_weights(attention)
-            terms["reg/delta"] = DeltaRegularizer(self.layers, weights, reduction)
+            terms["reg/delta"] = DeltaRegularizer(self.layers, weights, reduction, self.layouts)
         elif self.method == "l2sp":
             terms["reg/l2sp"] = L2SPRegularizer(self._source_reference())
         if self.method != "l2":

@@ -21,6 +21,7 @@ from deltaft._utils import first_line
 from deltaft._utils import logits_of as _logits
 from deltaft.attention._common import Batch, LossFn, batch_loss
 from deltaft.attention.replay import GraphReplay, channel_masks, mask_replicas, replica_losses
+from deltaft.layers import Layout, channel_axis
 
 __all__ = ["exact_scores"]
 
@@ -79,7 +80,8 @@ def exact_scores(
     model: nn.Module,
     batches: Sequence[Batch],
     modules: Mapping[str, nn.Module],
-    shapes: Mapping[str, tuple[int, int, int, int]],
+    shapes: Mapping[str, tuple[int, ...]],
+    layouts: Mapping[str, Layout],
     loss_fn: LossFn | None,
     device: torch.device,
     chunk_size: int | None,
@@ -105,8 +107,9 @@ def exact_scores(
         logits = _logits(output)
         base = batch_loss(logits, y, loss_fn)
         for name, module in modules.items():
+            channels = shapes[name][channel_axis(layouts[name])]
             if name not in masks:
-                masks[name] = channel_masks(shapes[name][1], logits.dtype, device)
+                masks[name] = channel_masks(channels, logits.dtype, device, layouts[name])
             deltas = None
             if replay is not None and name in replay.plans:
                 deltas = _replay_or_none(
@@ -114,7 +117,7 @@ def exact_scores(
                 )
             if deltas is None:
                 per_replica = math.prod(shapes[name]) * logits.element_size()
-                chunk = chunk_size or _default_chunk(shapes[name][1], per_replica, device)
+                chunk = chunk_size or _default_chunk(channels, per_replica, device)
                 deltas = _forward_deltas(
                     model, module, name, x, y, base, masks[name], chunk, loss_fn, progress
                 )
@@ -168,7 +171,7 @@ def _replay_deltas(
         return torch.zeros(masks.shape[0], dtype=masks.dtype, device=masks.device)
     parts = []
     for start in range(0, masks.shape[0], chunk):
-        mask = masks[start : start + chunk]  # (K, 1, C, 1, 1)
+        mask = masks[start : start + chunk]  # (K, 1, ...): see channel_masks
         logits = _logits(replay.replay(name, snaps, mask, y.shape[0]))  # (K*B, N)
         parts.append(replica_losses(logits, y, mask.shape[0], loss_fn) - base)
         progress.update(mask.shape[0])
@@ -190,7 +193,7 @@ def _forward_deltas(
     """``(C,)`` loss increases of one layer on one batch, from batched full forwards."""
     parts = []
     for start in range(0, masks.shape[0], chunk):
-        mask = masks[start : start + chunk]  # (K, 1, C, 1, 1)
+        mask = masks[start : start + chunk]  # (K, 1, ...): see channel_masks
         logits = _batched_forward_logits(model, module, name, x, mask)  # (K*B, N)
         parts.append(replica_losses(logits, y, mask.shape[0], loss_fn) - base)
         progress.update(mask.shape[0])

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from deltaft._utils import LeafTracer
 from deltaft.attention._common import LossFn
+from deltaft.layers import Layout, channel_axis
 
 __all__ = ["GraphReplay", "channel_masks", "mask_replicas", "replica_losses"]
 
@@ -27,17 +28,29 @@ class _ReplayError(RuntimeError):
     """The batched replay saw shapes it did not expect: the model is not per-sample there."""
 
 
-def channel_masks(channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(C, 1, C, 1, 1)``: replica ``j`` keeps every channel but ``j``."""
+def channel_masks(
+    channels: int, dtype: torch.dtype, device: torch.device, layout: Layout = "BCHW"
+) -> Tensor:
+    """Replica ``j`` keeps every channel but ``j``: ``(C, 1, C, 1, 1)`` for ``"BCHW"``,
+    ``(C, 1, 1, 1, C)`` for ``"BHWC"`` and ``(C, 1, 1, C)`` for ``"BNC"`` (every position or
+    token of channel ``j`` is zeroed)."""
     keep = 1 - torch.eye(channels, dtype=dtype, device=device)  # (C, C)
-    return keep[:, None, :, None, None]
+    rank = 3 if layout == "BNC" else 4
+    shape = [channels, 1] + [1] * (rank - 1)
+    shape[1 + channel_axis(layout)] = channels  # (C, 1, <the map's axes, C on its channel axis>)
+    return keep.reshape(shape)
+
+
+_SHAPES = {4: "(K*B, C, H, W)", 3: "(K*B, N, C)"}
 
 
 def mask_replicas(value: Tensor, mask: Tensor) -> Tensor:
-    """``(K*B, C, H, W)`` times ``mask (K, 1, C, 1, 1)``: replica k loses channel k."""
+    """``(K*B, ...)`` times ``mask (K, 1, ...)`` of :func:`channel_masks`: replica k loses
+    channel k."""
     k = mask.shape[0]
-    if value.dim() != 4 or value.shape[0] % k:
-        raise _ReplayError(f"expected a (K*B, C, H, W) output with K = {k}, got {value.shape}")
+    if value.dim() != mask.dim() - 1 or value.shape[0] % k:
+        want = _SHAPES.get(mask.dim() - 1, f"{mask.dim() - 1}-D")
+        raise _ReplayError(f"expected a {want} output with K = {k}, got {value.shape}")
     return (value.unflatten(0, (k, -1)) * mask).flatten(0, 1)
 
 
@@ -235,7 +248,7 @@ class GraphReplay:
             value = snaps[node]
             env[node] = _map_tensors(value, repeat) if node in self.activations else value
         for node in plan.sources:
-            env[node] = (snaps[node].unsqueeze(0) * mask).flatten(0, 1)  # (K*B, C, H, W)
+            env[node] = (snaps[node].unsqueeze(0) * mask).flatten(0, 1)  # (K*B, ...)
         for node in plan.nodes:
             value = self._run_node(node, env, None)
             env[node] = mask_replicas(value, mask) if node in plan.masked else value

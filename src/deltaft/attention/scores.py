@@ -9,7 +9,7 @@ batch). :func:`attention_from_scores` turns the scores into per-layer softmax we
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,14 @@ from deltaft.attention._common import (
     take_batches,
 )
 from deltaft.attention.exact import exact_scores
-from deltaft.layers import output_shapes, resolve_layers
+from deltaft.layers import (
+    Layout,
+    channel_axis,
+    detect_layouts,
+    layout_of,
+    output_shapes,
+    resolve_layers,
+)
 
 __all__ = ["attention_from_scores", "channel_removal_scores"]
 
@@ -43,6 +50,7 @@ def channel_removal_scores(
     device: torch.device | str | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    layouts: Mapping[str, Layout] | Layout | None = None,
 ) -> dict[str, Tensor]:
     r"""How much the loss grows when each channel of each layer is removed.
 
@@ -52,9 +60,11 @@ def channel_removal_scores(
                                             - L(x_b, y_b) )
         L = loss_fn(logits, y), by default F.cross_entropy(logits, y) (mean over the batch)
 
-    Removing a channel zeroes ``output[:, j]`` of module ``l`` for every sample (for a bias-free
-    convolution this is the reference's zeroing of filter ``j``). ``model``'s modes are restored
-    afterwards and its parameters are not changed.
+    Removing a channel zeroes channel ``j`` of module ``l``'s output for every sample, at every
+    position or token: ``output[:, j]`` of a ``(B, C, H, W)`` map (for a bias-free convolution
+    this is the reference's zeroing of filter ``j``), ``output[..., j]`` of a ``(B, H, W, C)`` or
+    ``(B, N, C)`` map. ``model``'s modes are restored afterwards and its parameters are not
+    changed.
 
     Methods:
 
@@ -70,13 +80,15 @@ def channel_removal_scores(
       channel; slow and obviously correct.
     * ``"taylor"``: approximate, one backward per batch. First-order estimate of the same
       quantity: zeroing channel ``j`` changes ``a = output[:, j]`` by ``-a``, so
-      ``delta[l][j] ~ -sum_{b,h,w} a[b, j, h, w] * dL/da[b, j, h, w]`` (mean over batches).
+      ``delta[l][j] ~ -sum_{b,p} a[b, p, j] * dL/da[b, p, j]`` over samples ``b`` and positions
+      or tokens ``p`` (mean over batches).
 
     Args:
         model: a classifier whose ``forward(x)`` returns logits (or a tuple / an object with
             ``.logits``), already on its device.
         loader: yields ``(x, y)`` batches; only the first ``n_batches`` are read.
-        layers: dotted names of modules whose output is a ``(B, C, H, W)`` tensor.
+        layers: dotted names of modules whose output is a ``(B, C, H, W)``, ``(B, H, W, C)`` or
+            ``(B, N, C)`` tensor.
         n_batches: number of batches to average over (fewer if ``loader`` runs out).
         method: ``"exact"``, ``"reference"`` or ``"taylor"``.
         loss_fn: ``(logits, y) -> scalar`` batch-mean loss; default cross-entropy.
@@ -86,13 +98,17 @@ def channel_removal_scores(
             batches run slower per sample there) and 256 MiB on other devices.
         progress: show a progress bar with an ETA on stderr (tqdm; cleared when done), counting
             ``channels x batches`` scored. Nothing is printed by default.
+        layouts: ``"BCHW"``, ``"BHWC"`` or ``"BNC"`` for every layer, or a mapping by layer
+            name. ``None`` (default): found by :func:`~deltaft.layers.detect_layouts` from dry
+            forwards of one sample of the first batch at its size and at twice its size.
 
     Returns:
         ``{layer: delta (C,)}`` in the order of ``layers``, on the CPU, in the model's dtype.
 
     Raises:
         ValueError: an unknown method or layer, ``n_batches < 1``, ``chunk_size < 1``, an empty
-            loader, or a layer whose output is not ``(B, C, H, W)``.
+            loader, a layer whose output is not 3-D or 4-D, or whose layout cannot be found
+            (then pass ``layouts``) or does not match its rank.
 
     Example:
         >>> import torch, torchvision
@@ -110,9 +126,16 @@ def channel_removal_scores(
     dtype, model_device = dtype_device(model)
     device = torch.device(device) if device is not None else model_device
     with eval_mode(model):
+        x = batches[0][0].to(device)
         with torch.inference_mode():
-            shapes = _probe_shapes(model, batches[0][0].to(device), modules)
-        total = sum(shape[1] for shape in shapes.values()) * len(batches)
+            calls = _probe_shapes(model, x, modules)
+        shapes = {name: calls[name][0] for name in modules}
+        if layouts is None:
+            found = detect_layouts(model, list(modules), input_size=x[:1])
+        else:
+            found = {name: layout_of(name, shapes[name], layouts) for name in modules}
+        channels = {name: _channels(name, calls[name], found[name]) for name in modules}
+        total = sum(channels.values()) * len(batches)
         with tqdm(
             total=total,
             desc="channel removal scores",
@@ -121,7 +144,7 @@ def channel_removal_scores(
             leave=False,
         ) as bar:
             totals = _summed_scores(
-                method, model, batches, modules, shapes, loss_fn, device, chunk_size, bar
+                method, model, batches, modules, shapes, found, loss_fn, device, chunk_size, bar
             )
     # One transfer at the end; clone() outside inference mode gives ordinary tensors.
     return {name: (totals[name] / len(batches)).to("cpu", dtype).clone() for name in modules}
@@ -132,7 +155,8 @@ def _summed_scores(
     model: nn.Module,
     batches: Sequence[Batch],
     modules: Mapping[str, nn.Module],
-    shapes: Mapping[str, tuple[int, int, int, int]],
+    shapes: Mapping[str, tuple[int, ...]],
+    layouts: Mapping[str, Layout],
     loss_fn: LossFn | None,
     device: torch.device,
     chunk_size: int | None,
@@ -140,20 +164,22 @@ def _summed_scores(
 ) -> dict[str, Tensor]:
     """Sum over ``batches`` of the ``(C,)`` loss increases, per layer, by ``method``."""
     totals: dict[str, Tensor] = {}
+    axes = {name: channel_axis(layout) for name, layout in layouts.items()}
     if method == "taylor":  # needs autograd: outside inference mode
-        channels = sum(shape[1] for shape in shapes.values())
+        channels = sum(shapes[name][axes[name]] for name in modules)
         for x, y in batches:
-            _add_into(totals, _taylor_batch(model, x.to(device), y.to(device), modules, loss_fn))
+            deltas = _taylor_batch(model, x.to(device), y.to(device), modules, axes, loss_fn)
+            _add_into(totals, deltas)
             progress.update(channels)
         return totals
     with torch.inference_mode():
         if method == "exact":
             return exact_scores(
-                model, batches, modules, shapes, loss_fn, device, chunk_size, progress
+                model, batches, modules, shapes, layouts, loss_fn, device, chunk_size, progress
             )
         for x, y in batches:
             deltas = _reference_batch(
-                model, x.to(device), y.to(device), modules, shapes, loss_fn, progress
+                model, x.to(device), y.to(device), modules, shapes, axes, loss_fn, progress
             )
             _add_into(totals, deltas)
     return totals
@@ -166,10 +192,10 @@ def _add_into(totals: dict[str, Tensor], deltas: Mapping[str, Tensor]) -> None:
 
 def _probe_shapes(
     model: nn.Module, x: Tensor, modules: Mapping[str, nn.Module]
-) -> dict[str, tuple[int, int, int, int]]:
-    """Output shape ``(B, C, H, W)`` of every layer, checking that it is one."""
+) -> dict[str, list[tuple[int, ...]]]:
+    """Output shapes of every layer, call by call, checking that they are 3-D or 4-D maps."""
     seen = output_shapes(model, x, modules)
-    shapes = {}
+    calls: dict[str, list[tuple[int, ...]]] = {}
     for name in modules:
         outputs = seen.get(name)
         if not outputs:
@@ -177,34 +203,39 @@ def _probe_shapes(
                 f"Layer {name!r} was not called in the model's forward pass; choose a module "
                 "that runs on every input."
             )
-        calls = [_as_bchw(name, shape, x.shape[0]) for shape in outputs]
-        if len({shape[1] for shape in calls}) > 1:
-            raise ValueError(
-                f"Layer {name!r} is called {len(calls)} times with different channel counts "
-                f"{[shape[1] for shape in calls]}; choose a module that is called once."
-            )
-        shapes[name] = calls[0]
-    return shapes
+        calls[name] = [_as_map(name, shape, x.shape[0]) for shape in outputs]
+    return calls
 
 
-def _as_bchw(name: str, shape: tuple[int, ...] | type, batch: int) -> tuple[int, int, int, int]:
-    """``shape`` if it is ``(batch, C, H, W)``, else a ``ValueError`` naming the layer."""
-    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[0] == batch):
+def _channels(name: str, calls: Sequence[tuple[int, ...]], layout: Layout) -> int:
+    """The channel count of a layer's output, the same in every call, or a ``ValueError``."""
+    counts = [layout_of(name, shape, layout) and shape[channel_axis(layout)] for shape in calls]
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"Layer {name!r} is called {len(calls)} times with different channel counts "
+            f"{counts}; choose a module that is called once."
+        )
+    return counts[0]
+
+
+def _as_map(name: str, shape: tuple[int, ...] | type, batch: int) -> tuple[int, ...]:
+    """``shape`` if it is a 3-D or 4-D map of ``batch`` samples, else a ``ValueError``."""
+    if not (isinstance(shape, tuple) and len(shape) in (3, 4) and shape[0] == batch):
         got = shape if isinstance(shape, tuple) else shape.__name__
         raise ValueError(
-            f"Layer {name!r} must output a (B, C, H, W) tensor with B = {batch}, "
-            f"got {got}; choose a convolutional layer or block."
+            f"Layer {name!r} must output a (B, C, H, W), (B, H, W, C) or (B, N, C) tensor with "
+            f"B = {batch}, got {got}; choose a convolutional or transformer layer or block."
         )
-    return cast(tuple[int, int, int, int], shape)
+    return shape
 
 
 # ------------------------------------------------------------------------------------------------
 # method="reference": one full forward per channel per batch
 # ------------------------------------------------------------------------------------------------
-def _zero_channel_hook(channel: int) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+def _zero_channel_hook(channel: int, axis: int) -> Callable[[nn.Module, Any, Tensor], Tensor]:
     def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
         output = output.clone()
-        output[:, channel] = 0
+        output.select(axis, channel).zero_()  # channel j at every position or token
         return output
 
     return hook
@@ -215,7 +246,8 @@ def _reference_batch(
     x: Tensor,
     y: Tensor,
     modules: Mapping[str, nn.Module],
-    shapes: Mapping[str, tuple[int, int, int, int]],
+    shapes: Mapping[str, tuple[int, ...]],
+    axes: Mapping[str, int],
     loss_fn: LossFn | None,
     progress: Any,
 ) -> dict[str, Tensor]:
@@ -223,8 +255,8 @@ def _reference_batch(
     deltas = {}
     for name, module in modules.items():
         losses = []
-        for j in range(shapes[name][1]):
-            handle = module.register_forward_hook(_zero_channel_hook(j))
+        for j in range(shapes[name][axes[name]]):
+            handle = module.register_forward_hook(_zero_channel_hook(j, axes[name]))
             try:
                 losses.append(batch_loss(_logits(model(x)), y, loss_fn))
             finally:
@@ -242,6 +274,7 @@ def _taylor_batch(
     x: Tensor,
     y: Tensor,
     modules: Mapping[str, nn.Module],
+    axes: Mapping[str, int],
     loss_fn: LossFn | None,
 ) -> dict[str, Tensor]:
     captured: dict[str, list[Tensor]] = {name: [] for name in modules}
@@ -267,12 +300,15 @@ def _taylor_batch(
     deltas = {}
     position = 0
     for name in modules:
-        total = torch.zeros(captured[name][0].shape[1], dtype=loss.dtype, device=loss.device)
+        axis = axes[name]
+        channels = captured[name][0].shape[axis]
+        total = torch.zeros(channels, dtype=loss.dtype, device=loss.device)
         for a in captured[name]:
             grad = grads[position]
             position += 1
             if grad is not None:
-                total = total - (grad * a.detach()).sum(dim=(0, 2, 3))  # (C,)
+                others = tuple(d for d in range(a.dim()) if d != axis)  # all but the channels
+                total = total - (grad * a.detach()).sum(dim=others)  # (C,)
         deltas[name] = total
     return deltas
 

@@ -2,7 +2,9 @@
 
 Every function here is differentiable with respect to its *target* argument(s) only: source
 feature maps and reference weights are detached. Shapes: ``B`` batch, ``C`` channels, ``H x W``
-spatial size.
+spatial size, ``N`` tokens. Feature maps come in three layouts (:data:`deltaft.layers.Layout`):
+``"BCHW"``, channels-last ``"BHWC"`` and tokens ``"BNC"``; the positions (``H x W`` or ``N``)
+play the same role in each.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from deltaft.layers import Layout, layout_of
 
 __all__ = [
     "bss_penalty",
@@ -23,6 +27,7 @@ __all__ = [
 ]
 
 Reduction = Literal["sum", "mean"]
+Layouts = Mapping[str, Layout] | Layout | None
 
 
 def _check_reduction(reduction: str) -> None:
@@ -30,25 +35,35 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}.")
 
 
-def _check_maps(source: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> None:
+def _check_maps(
+    source: Mapping[str, Tensor], target: Mapping[str, Tensor], layouts: Layouts
+) -> dict[str, Layout]:
+    """The layout of every layer, after checking that the maps pair up and fit it."""
     if set(source) != set(target):
         raise ValueError(
             f"source and target must have the same layers; source has {sorted(source)}, "
             f"target has {sorted(target)}."
         )
+    found: dict[str, Layout] = {}
     for name, t in target.items():
         s = source[name]
-        if t.dim() != 4 or s.shape != t.shape:
+        if s.shape != t.shape:
             raise ValueError(
-                f"Layer {name!r}: expected source and target maps of the same (B, C, H, W) shape, "
-                f"got source {tuple(s.shape)} and target {tuple(t.shape)}."
+                f"Layer {name!r}: expected source and target maps of the same shape, got "
+                f"source {tuple(s.shape)} and target {tuple(t.shape)}."
             )
+        found[name] = layout_of(name, t.shape, layouts)
+    return found
 
 
-def _channel_sq_error(source: Tensor, target: Tensor) -> Tensor:
-    """Per sample and channel spatial mean of the squared difference, shape ``(B, C)``."""
-    diff = target - source.detach()  # (B, C, H, W)
-    return diff.pow(2).flatten(2).mean(dim=2)  # (B, C)
+def _channel_sq_error(source: Tensor, target: Tensor, layout: Layout) -> Tensor:
+    """Per sample and channel mean over positions of the squared difference, shape ``(B, C)``."""
+    diff = target - source.detach()
+    if layout == "BCHW":
+        return diff.pow(2).flatten(2).mean(dim=2)  # (B, C, H*W) -> (B, C)
+    if layout == "BHWC":
+        return diff.pow(2).flatten(1, 2).mean(dim=1)  # (B, H*W, C) -> (B, C)
+    return diff.pow(2).mean(dim=1)  # BNC: (B, N, C) -> (B, C)
 
 
 def delta_penalty(
@@ -56,12 +71,15 @@ def delta_penalty(
     target: Mapping[str, Tensor],
     weights: Mapping[str, Tensor] | None = None,
     reduction: Reduction = "sum",
+    layouts: Layouts = None,
 ) -> Tensor:
     r"""DELTA's attention-weighted feature-map distance :math:`\Omega'`.
 
-    For every layer ``l`` with maps of shape ``(B, C, H, W)``::
+    For every layer ``l``, with ``P`` the positions of its maps (``H x W`` for ``(B, C, H, W)``
+    and ``(B, H, W, C)`` maps, the ``N`` tokens of ``(B, N, C)`` maps) and ``FM[b, p, j]`` the
+    value of channel ``j`` at position ``p``::
 
-        D[b, j]  = ||target[l][b, j] - source[l][b, j]||^2 / (H * W)
+        D[b, j]  = 1/|P| * sum_p (target[l][b, p, j] - source[l][b, p, j])^2
         Omega'_l = 1/2 * sum_b sum_j C * w[l, j] * D[b, j]
         Omega'   = sum_l Omega'_l                  (reduction="sum", the reference code's)
         Omega'   = sum_l Omega'_l / B              (reduction="mean")
@@ -70,10 +88,14 @@ def delta_penalty(
     channel by exactly 1. The published ``alpha = 0.01`` pairs with ``"sum"`` at batch 64.
 
     Args:
-        source: frozen source maps by layer name, ``(B, C, H, W)`` each; detached here.
+        source: frozen source maps by layer name; detached here.
         target: the fine-tuned network's maps, same names and shapes.
         weights: per-layer channel attention ``(C,)`` summing to 1; ``None`` for uniform.
         reduction: ``"sum"`` over the batch (reference) or ``"mean"`` (divide by ``B``).
+        layouts: ``"BCHW"``, ``"BHWC"`` or ``"BNC"`` for every layer, or a mapping by layer
+            name; ``None``: by rank, ``"BCHW"`` for 4-D maps and ``"BNC"`` for 3-D maps
+            (channels-last maps must be declared: read as ``"BCHW"`` their rows would be
+            weighted as channels). :func:`deltaft.layers.detect_layouts` finds them.
 
     Returns:
         A scalar tensor; gradients flow to ``target`` only.
@@ -83,13 +105,16 @@ def delta_penalty(
         >>> t = {"conv": torch.ones(2, 3, 4, 4)}
         >>> delta_penalty(s, t)  # 1/2 * 2 samples * 3 channels * 1
         tensor(3.)
+        >>> tokens = {"blocks.11": torch.ones(2, 5, 3)}  # (B, N, C)
+        >>> delta_penalty({"blocks.11": torch.zeros(2, 5, 3)}, tokens, layouts="BNC")
+        tensor(3.)
     """
     _check_reduction(reduction)
-    _check_maps(source, target)
+    found = _check_maps(source, target, layouts)
     total: Tensor | None = None
     for name, t in target.items():
-        d = _channel_sq_error(source[name], t)  # (B, C)
-        channels = t.shape[1]
+        d = _channel_sq_error(source[name], t, found[name])  # (B, C)
+        channels = d.shape[1]
         if weights is None:
             per_channel = d.sum(dim=0)  # (C,), C * (1/C) == 1
         else:
@@ -117,6 +142,7 @@ def feature_map_penalty(
     source: Mapping[str, Tensor],
     target: Mapping[str, Tensor],
     reduction: Reduction = "sum",
+    layouts: Layouts = None,
 ) -> Tensor:
     r"""The reference code's "without attention" penalty (method ``fm``).
 
@@ -126,7 +152,9 @@ def feature_map_penalty(
         Omega = sum_l 1/2 * ||target[l] - source[l]||_F^2 / B    (reduction="mean")
 
     summed over every element: no ``/(H*W)`` and no channel weighting, so it is ``H*W`` times
-    larger per layer than :func:`delta_penalty` with uniform attention.
+    larger per layer than :func:`delta_penalty` with uniform attention (``N`` times for tokens).
+    The value does not depend on the layout; ``layouts`` (as in :func:`delta_penalty`) is
+    checked against each map's rank.
 
     Example:
         >>> s = {"conv": torch.zeros(2, 3, 4, 4)}
@@ -135,7 +163,7 @@ def feature_map_penalty(
         tensor(48.)
     """
     _check_reduction(reduction)
-    _check_maps(source, target)
+    _check_maps(source, target, layouts)
     total: Tensor | None = None
     for name, t in target.items():
         term = 0.5 * (t - source[name].detach()).pow(2).sum()

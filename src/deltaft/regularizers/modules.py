@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from deltaft.layers import channel_axis
 from deltaft.regularizers import functional as RF
 
 __all__ = [
@@ -27,6 +28,21 @@ def _buffer_name(name: str) -> str:
     return name.replace(".", "__")
 
 
+def _check_layouts(layers: list[str], layouts: RF.Layouts) -> RF.Layouts:
+    """``layouts`` (a copy of a mapping), after checking every name and that it covers layers."""
+    if layouts is None:
+        return None
+    if isinstance(layouts, str):
+        channel_axis(layouts)
+        return layouts
+    missing = [n for n in layers if n not in layouts]
+    if missing:
+        raise ValueError(f"No layout for layers {missing}; layouts cover {sorted(layouts)}.")
+    for layout in layouts.values():
+        channel_axis(layout)
+    return dict(layouts)
+
+
 class DeltaRegularizer(nn.Module):
     """:func:`~deltaft.regularizers.functional.delta_penalty` with stored attention.
 
@@ -34,6 +50,8 @@ class DeltaRegularizer(nn.Module):
         layers: layer names, in order.
         weights: per-layer channel attention ``(C,)`` summing to 1; ``None`` for uniform.
         reduction: ``"sum"`` (reference) or ``"mean"``.
+        layouts: the maps' layouts (``"BCHW"``, ``"BHWC"``, ``"BNC"``), one for all layers or
+            by layer name; ``None``: by rank (``"BCHW"`` for 4-D, ``"BNC"`` for 3-D maps).
     """
 
     def __init__(
@@ -41,11 +59,13 @@ class DeltaRegularizer(nn.Module):
         layers: list[str],
         weights: Mapping[str, Tensor] | None = None,
         reduction: RF.Reduction = "sum",
+        layouts: RF.Layouts = None,
     ) -> None:
         super().__init__()
         RF._check_reduction(reduction)
         self.layers = list(layers)
         self.reduction: RF.Reduction = reduction
+        self.layouts = _check_layouts(self.layers, layouts)
         self.uniform = weights is None
         if weights is not None:
             missing = [n for n in self.layers if n not in weights]
@@ -64,19 +84,26 @@ class DeltaRegularizer(nn.Module):
         return {n: getattr(self, _buffer_name(n)) for n in self.layers}
 
     def forward(self, source: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
-        return RF.delta_penalty(source, target, self.weights(), self.reduction)
+        return RF.delta_penalty(source, target, self.weights(), self.reduction, self.layouts)
 
 
 class FeatureMapRegularizer(nn.Module):
-    """:func:`~deltaft.regularizers.functional.feature_map_penalty` (method ``fm``)."""
+    """:func:`~deltaft.regularizers.functional.feature_map_penalty` (method ``fm``).
 
-    def __init__(self, reduction: RF.Reduction = "sum") -> None:
+    ``layouts`` as in :class:`DeltaRegularizer`: they do not change the value, and each map is
+    checked against its layout's rank.
+    """
+
+    def __init__(self, reduction: RF.Reduction = "sum", layouts: RF.Layouts = None) -> None:
         super().__init__()
         RF._check_reduction(reduction)
         self.reduction: RF.Reduction = reduction
+        self.layouts = layouts if layouts is None or isinstance(layouts, str) else dict(layouts)
+        if isinstance(layouts, str):
+            channel_axis(layouts)
 
     def forward(self, source: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
-        return RF.feature_map_penalty(source, target, self.reduction)
+        return RF.feature_map_penalty(source, target, self.reduction, self.layouts)
 
 
 class L2SPRegularizer(nn.Module):
