@@ -877,7 +877,6 @@ def test_train_head_trains_only_the_head(bn: str) -> None:
         lr=0.1,
         momentum=0.9,
         weight_decay=1e-4,
-        lr_step=1,
         lr_gamma=0.1,
         bn=bn,  # type: ignore[arg-type]
         head=None,
@@ -941,8 +940,9 @@ def test_estimate_validates_before_training() -> None:
     cases = [
         ({"bn": "train"}, "bn must be one of adapt, frozen; got 'train'"),
         ({"method": "fast"}, "method must be one of exact, reference, taylor"),
-        ({"epochs": -1}, "Expected epochs >= 0 and lr_step >= 1, got -1 and 6"),
-        ({"lr_step": 0}, "Expected epochs >= 0 and lr_step >= 1, got 10 and 0"),
+        ({"epochs": -1}, "epochs must be >= 0, got -1"),
+        ({"lr_gamma": 0.0}, r"lr_gamma must be in \(0, 1\] .*0\.6813.*got 0\.0"),
+        ({"lr_gamma": 1.5}, r"lr_gamma must be in \(0, 1\] .*got 1\.5"),
         ({"n_batches": 0}, "n_batches must be >= 1"),
         ({"temperature": 0.0}, "temperature must be > 0"),
         ({"layers": ["nope"]}, "'nope' not found"),

@@ -35,6 +35,9 @@ BatchNormMode = Literal["adapt", "frozen"]
 
 _BN_MODES: tuple[str, ...] = ("adapt", "frozen")
 
+#: The reference's per-epoch lr factor of the attention head: x0.1 after 6 epochs.
+_REFERENCE_LR_GAMMA = 0.1 ** (1 / 6)
+
 
 def _train_head(
     source: nn.Module,
@@ -45,7 +48,6 @@ def _train_head(
     lr: float,
     momentum: float,
     weight_decay: float,
-    lr_step: int,
     lr_gamma: float,
     bn: BatchNormMode,
     head: str | None,
@@ -59,7 +61,9 @@ def _train_head(
     head_name = replace_head(model, num_classes, head)  # the new nn.Linear requires grad
     params = list(model.get_submodule(head_name).parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+    # The reference's schedule: ExponentialLR stepped once per epoch (x0.1 after 6 epochs by
+    # default, smoothly), not a StepLR.
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_gamma)
     # "adapt": the frozen backbone runs in train mode, so BatchNorm statistics follow the target
     # data (and dropout is active), as in the reference code. "frozen": eval mode throughout.
     model.train(bn == "adapt")
@@ -99,8 +103,7 @@ def estimate_channel_attention(
     lr: float = 0.01,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
-    lr_step: int = 6,
-    lr_gamma: float = 0.1,
+    lr_gamma: float = _REFERENCE_LR_GAMMA,
     bn: BatchNormMode = "adapt",
     n_batches: int = 4,
     temperature: float = 5.0,
@@ -116,10 +119,12 @@ def estimate_channel_attention(
 
     1. Replace the head with a new ``nn.Linear(in_features, num_classes)``, freeze every other
        parameter (``requires_grad_(False)``) and train the head for ``epochs`` epochs over
-       ``loader``: cross-entropy, ``SGD(lr, momentum, weight_decay)``, lr times ``lr_gamma``
-       every ``lr_step`` epochs. With ``bn="adapt"`` (reference) the frozen backbone runs in
-       train mode, so BatchNorm running statistics adapt to the target data; with
-       ``bn="frozen"`` everything runs in eval mode.
+       ``loader``: cross-entropy, ``SGD(lr, momentum, weight_decay)``, the lr of epoch ``e``
+       (from 0) is ``lr * lr_gamma ** e`` (the reference's ``ExponentialLR``, stepped once per
+       epoch; the default ``lr_gamma = 0.1 ** (1 / 6)`` gives x0.1 after 6 epochs).
+       With ``bn="adapt"`` (reference) the frozen backbone runs in train mode, so BatchNorm
+       running statistics adapt to the target data; with ``bn="frozen"`` everything runs in
+       eval mode.
     2. ``delta = channel_removal_scores(copy, first n_batches of score_loader or loader)``.
     3. ``w = attention_from_scores(delta, temperature)``.
 
@@ -128,7 +133,8 @@ def estimate_channel_attention(
         loader: target training batches ``(x, y)``, ``y`` in ``[0, num_classes)``.
         layers: dotted names of the modules to weight; outputs must be ``(B, C, H, W)``.
         num_classes: number of target classes.
-        epochs, lr, momentum, weight_decay, lr_step, lr_gamma: the head's training schedule.
+        epochs, lr, momentum, weight_decay: the head's training schedule.
+        lr_gamma: the lr's factor per epoch, in ``(0, 1]`` (``1`` keeps it constant).
         bn: ``"adapt"`` or ``"frozen"``, see above.
         n_batches: batches the removal scores average over.
         temperature: softmax temperature ``T``.
@@ -144,7 +150,7 @@ def estimate_channel_attention(
         A :class:`ChannelAttention` with the source's and the scored batches' fingerprints.
 
     Raises:
-        ValueError: an invalid ``bn``, ``method``, ``epochs``, ``lr_step`` or layer name; see also
+        ValueError: an invalid ``bn``, ``method``, ``epochs``, ``lr_gamma`` or layer name; see also
             :func:`~deltaft.attention.channel_removal_scores`.
 
     Example:
@@ -158,8 +164,13 @@ def estimate_channel_attention(
     if bn not in _BN_MODES:
         raise ValueError(f"bn must be one of {', '.join(_BN_MODES)}; got {bn!r}.")
     check_method(method)
-    if epochs < 0 or lr_step < 1:
-        raise ValueError(f"Expected epochs >= 0 and lr_step >= 1, got {epochs} and {lr_step}.")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}.")
+    if not 0 < lr_gamma <= 1:  # also rejects NaN
+        raise ValueError(
+            f"lr_gamma must be in (0, 1] (the lr's factor per epoch; the reference's is "
+            f"0.1 ** (1 / 6) = {_REFERENCE_LR_GAMMA:.4f}), got {lr_gamma}."
+        )
     check_n_batches(n_batches)  # fail before training
     check_temperature(temperature)
     resolve_layers(source, layers)
@@ -172,7 +183,6 @@ def estimate_channel_attention(
         lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
-        lr_step=lr_step,
         lr_gamma=lr_gamma,
         bn=bn,
         head=head,
