@@ -9,7 +9,7 @@ part on ``(K*B, ...)`` replicas of the layer's output, replica ``k`` without cha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -117,6 +117,31 @@ def _map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
     return value
 
 
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of ``value`` in :func:`_map_tensors`'s order."""
+    found: list[Tensor] = []
+    _map_tensors(value, found.append)
+    return found
+
+
+def _batch_axis(one: Tensor, two: Tensor) -> int | None:
+    """The axis that carries the samples, from a value at batch 1 (``one``) and at batch 2 of
+    that same sample twice (``two``): the one axis whose size goes from 1 to 2 with both halves
+    equal. ``None`` for a value that does not carry the samples (a constant, an index, a value
+    that mixed or lost them): the replay must not repeat it."""
+    if one.dim() != two.dim():
+        return None
+    axes = [i for i in range(one.dim()) if one.shape[i] != two.shape[i]]
+    if len(axes) != 1 or (one.shape[axes[0]], two.shape[axes[0]]) != (1, 2):
+        return None
+    first, second = two.unbind(axes[0])
+    if first.is_floating_point() or first.is_complex():  # batched kernels round per row
+        same = torch.allclose(first, second, rtol=1e-4, atol=1e-6, equal_nan=True)
+    else:
+        same = torch.equal(first, second)
+    return axes[0] if same else None
+
+
 @dataclass
 class _Plan:
     """What to replay for one layer.
@@ -155,6 +180,9 @@ class GraphReplay:
             if call_sites:  # else the layer sits inside another leaf: no node to mask
                 self.plans[name] = self._plan(call_sites)
         self.free_after = _last_uses(self.nodes)
+        # Per cached activation, the batch axis of each of its tensors (None: not repeated);
+        # found by the first run from probes at batch 1 and 2 (see _batch_axis).
+        self.batch_axes: dict[fx.Node, list[int | None]] | None = None
         self.nbytes: dict[fx.Node, int] = {}  # size of each value in the last full run
         self.snap_after: dict[fx.Node, list[str]] = {}
         self.snap_before: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
@@ -202,8 +230,39 @@ class GraphReplay:
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         return args[0]  # output
 
+    def _probe(self, x: Tensor) -> dict[fx.Node, list[Tensor]]:
+        """The tensors of every cached activation for input ``x`` (a pass without snapshots)."""
+        wanted = {n for plan in self.plans.values() for n in plan.consts if n in self.activations}
+        env: dict[fx.Node, Any] = {}
+        seen: dict[fx.Node, list[Tensor]] = {}
+        for node in self.nodes:
+            env[node] = self._run_node(node, env, x)
+            if node in wanted:
+                seen[node] = _tensors(env[node])
+            for arg in self.free_after[node]:
+                del env[arg]
+        return seen
+
+    def _find_batch_axes(self, x: Tensor) -> dict[fx.Node, list[int | None]]:
+        """Which axis of each cached activation carries the samples.
+
+        A value's first dimension equal to the batch size says nothing (a constant, the tokens
+        of an ``(N, B, C)`` value, an index vector may have it): the graph runs on one sample
+        and on that sample twice, and an axis carries the samples when it follows the batch
+        size with equal halves."""
+        one = self._probe(x[:1])
+        two = self._probe(torch.cat([x[:1], x[:1]]))
+        axes: dict[fx.Node, list[int | None]] = {}
+        for node, tensors in one.items():
+            pairs = zip(tensors, two[node], strict=False)
+            found = [_batch_axis(a, b) for a, b in pairs]
+            axes[node] = found if len(tensors) == len(two[node]) else [None] * len(tensors)
+        return axes
+
     def run(self, x: Tensor) -> tuple[Any, dict[str, dict[fx.Node, Any]]]:
         """Full forward; returns the output and, per layer, the values its replay reads."""
+        if self.batch_axes is None:
+            self.batch_axes = self._find_batch_axes(x)
         env: dict[fx.Node, Any] = {}
         snaps: dict[str, dict[fx.Node, Any]] = {name: {} for name in self.plans}
         for node in self.nodes:
@@ -237,16 +296,14 @@ class GraphReplay:
         """Output for ``K = len(mask)`` replicas ``(K*B, ...)``: replica k has channel k masked."""
         plan = self.plans[name]
         k = mask.shape[0]
-
-        def repeat(value: Tensor) -> Tensor:
-            if value.dim() == 0 or value.shape[0] != batch:
-                return value
-            return value.repeat(k, *([1] * (value.dim() - 1)))  # (K*B, ...)
+        batch_axes = self.batch_axes or {}
 
         env: dict[fx.Node, Any] = {}
         for node in plan.consts:
             value = snaps[node]
-            env[node] = _map_tensors(value, repeat) if node in self.activations else value
+            if node in batch_axes:
+                value = _repeat_samples(value, iter(batch_axes[node]), k, batch)
+            env[node] = value
         for node in plan.sources:
             env[node] = (snaps[node].unsqueeze(0) * mask).flatten(0, 1)  # (K*B, ...)
         for node in plan.nodes:
@@ -256,3 +313,22 @@ class GraphReplay:
                 if arg is not self.output:
                     del env[arg]
         return env[self.output]
+
+
+def _repeat_samples(value: Any, axes: Iterator[int | None], k: int, batch: int) -> Any:
+    """``value`` with each tensor repeated ``k`` times along its batch axis (from ``axes``, in
+    :func:`_map_tensors`'s order), replica-major: ``(..., K*B, ...)``."""
+
+    def repeat(tensor: Tensor) -> Tensor:
+        axis = next(axes, None)
+        if axis is None:
+            return tensor
+        if tensor.shape[axis] != batch:
+            raise _ReplayError(
+                f"a cached value has {tensor.shape[axis]} samples on axis {axis}, expected {batch}"
+            )
+        times = [1] * tensor.dim()
+        times[axis] = k
+        return tensor.repeat(times)  # (..., K*B, ...)
+
+    return _map_tensors(value, repeat)
