@@ -75,9 +75,10 @@ def channel_removal_scores(
       ``k``): one replay scores ``K`` channels. Cached activations that the replay reads (e.g. a
       skip connection) are repeated ``K`` times along the axis that carries the samples, found
       once by running the graph on one sample and on that sample twice (a constant or a value
-      whose first dimension merely equals the batch size is not repeated). This assumes that samples do
-      not interact, true of eval-mode classifiers (BatchNorm uses its running statistics). A
-      model fx cannot trace is scored with batched full forwards (a logged warning), still exact.
+      whose first dimension merely equals the batch size is not repeated). This assumes that
+      samples do not interact, true of eval-mode classifiers (BatchNorm uses its running
+      statistics). A model fx cannot trace is scored with batched full forwards (a logged
+      warning), still exact.
     * ``"reference"``: one full forward per channel per batch with a hook that zeroes the
       channel; slow and obviously correct.
     * ``"taylor"``: approximate, one backward per batch. First-order estimate of the same
