@@ -129,3 +129,47 @@ def test_replay_repeats_a_value_along_its_batch_axis(caplog: pytest.LogCaptureFi
     assert "full forwards" not in caplog.text  # replayed, not scored by the fallback
     want = ref_removal_scores_last_axis(model, batches, ["mix"])
     assert_close(got["mix"], want["mix"], rtol=1e-9, atol=1e-12)
+
+
+# --- exact == reference on small transformers -----------------------------------------------
+def _timm_vit(reg_tokens: int = 0) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3,
+        reg_tokens=reg_tokens,
+    )  # fmt: skip
+
+
+def _torchvision_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
+        num_classes=3,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("build", "layers", "size"),
+    [
+        (_timm_vit, ["blocks.0", "blocks.1", "norm"], 16),
+        (lambda: _timm_vit(reg_tokens=2), ["blocks.0", "blocks.1"], 16),  # 3 prefix tokens
+        (_torchvision_swin, ["features.1", "features.3", "features.0"], 16),
+    ],
+    ids=["timm-vit", "timm-vit-prefix-tokens", "torchvision-swin"],
+)
+def test_exact_equals_reference_on_small_transformers(
+    build: Any, layers: list[str], size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _float64(build())
+    batches = _data(2, 2, size, seed=3)
+    with caplog.at_level(logging.WARNING, logger="deltaft.attention"):
+        got = channel_removal_scores(model, batches, layers, n_batches=2, chunk_size=3)
+    assert "full forwards" not in caplog.text  # the fx replay ran on every layer
+    want = ref_removal_scores_last_axis(model, batches, layers)
+    for name in layers:
+        assert got[name].shape == want[name].shape
+        assert float(want[name].abs().max()) > 1e-6  # the scores say something
+        assert_close(got[name], want[name], rtol=1e-9, atol=1e-12)
