@@ -5,23 +5,43 @@ scores and of the attention weights. Target (DESIGN.md section 3): >= 5x with ma
 The reference loop runs one forward per channel: keep images small and batches few.
 
     python -m benchmarks.attention_speed --image 64 --batch 16 --batches 1
+    python -m benchmarks.attention_speed --models vit_tiny,swin_t --image 64 --batch 8
+
+``vit_tiny`` is timm's ``vit_tiny_patch16_224`` built for ``--image`` (its position embedding
+sized to the input), ``swin_t`` torchvision's (it pads its windows, so any size >= 32 runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
+import torchvision
+from torch import nn
 
 from benchmarks._common import MODELS, batch, synchronize
 from deltaft import default_layers
 from deltaft.attention import attention_from_scores, channel_removal_scores
 
 
+def _vit_tiny(image: int) -> nn.Module:
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=image)
+
+
+# Transformers, built for the benchmark's image size (random weights, 1000 classes).
+TRANSFORMERS: dict[str, Callable[[int], nn.Module]] = {
+    "swin_t": lambda image: torchvision.models.swin_t(),
+    "vit_tiny": _vit_tiny,
+}
+
+
 def run(name: str, image: int, batch_size: int, n_batches: int, device: str) -> None:
     torch.manual_seed(0)
-    model = MODELS[name]()
+    model = TRANSFORMERS[name](image) if name in TRANSFORMERS else MODELS[name]()
     with torch.no_grad():  # settle BatchNorm statistics away from their initial values
         model.train()(batch(32, image)[0])
     model.eval().to(device)
