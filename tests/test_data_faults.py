@@ -1,0 +1,108 @@
+"""Data and evaluation faults (issue 12): evaluation counts only what it read, augmentation does
+not depend on the worker count, absurd image sizes are skipped, bad settings are one line.
+
+Everything runs on CPU with the toy CNN of ``tests/toy_models.py`` and one torch thread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltaft.app.build import verify_data
+from deltaft.app.data import ImageFolder, build_datasets
+from deltaft.engine import evaluate
+from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    CLASSES,
+    MODEL,
+    one_thread,
+    restore_logging,
+    run_main,
+    write_images,
+)
+
+
+def _data(root: Path, *, train: int = 4, val: int = 2, test: int = 2) -> Path:
+    for split, n, seed in (("train", train, 0), ("val", val, 1), ("test", test, 2)):
+        if n:
+            write_images(root, split, n, seed)
+    return root
+
+
+def _train_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--threads", "1", "train", "--data", str(data), "--model", MODEL, "--weights", "none",
+        "--method", "l2", "--out", str(out), "--image-size", "16", "--batch-size", "4",
+        "--epochs", "1", "--workers", "0", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def _corrupt(path: Path) -> Path:
+    path.write_bytes(b"not an image")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 3: evaluation counts what it read
+# ------------------------------------------------------------------------------------------------
+def test_unreadable_test_images_leave_the_evaluated_set(tmp_path: Path) -> None:
+    root = _data(tmp_path / "data", test=3)
+    bad = [_corrupt(root / "test" / name / "0.png") for name in CLASSES[:2]]
+    splits = build_datasets(str(root), image_size=16)
+    assert verify_data(splits) == sorted(str(p) for p in bad)
+    test = splits.test
+    assert isinstance(test, ImageFolder) and len(test) == 4 * 3 - 2
+    assert not {str(p) for p in bad} & {path for path, _ in test.samples}
+    # each label is the label of its own image: no image stands in for a broken one
+    assert [label for _, label in test.samples] == test.targets
+    loader = torch.utils.data.DataLoader(test, batch_size=4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    assert evaluate(model, loader, device=torch.device("cpu"))["images"] == 10
+
+
+def test_an_image_that_breaks_after_start_up_fails_the_evaluation(tmp_path: Path) -> None:
+    root = _data(tmp_path / "data")
+    splits = build_datasets(str(root), image_size=16)
+    verify_data(splits)
+    _corrupt(root / "test" / "ant" / "1.png")
+    assert splits.test is not None
+    with pytest.raises(OSError, match=r"test.ant.1\.png .*could not be read during evaluation"):
+        splits.test[1]
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_class_without_readable_evaluation_image_is_refused_at_start_up(
+    split: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _data(tmp_path / "data")
+    for path in (root / split / "bee").iterdir():
+        _corrupt(path)
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *_train_argv(root, out))
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("deltaft: error: Class folder(s) ")
+    assert f"bee have no readable image in the {split} split" in last
+    assert "Traceback" not in err
+    assert not (out / "checkpoints").exists()  # refused before training
+
+
+def test_run_summary_and_eval_count_the_readable_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _data(tmp_path / "data", test=3)
+    bad = [_corrupt(root / "test" / name / "0.png") for name in CLASSES]
+    _corrupt(root / "val" / "ant" / "0.png")
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *_train_argv(root, out))
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_images"] == 8 and summary["val_images"] == 7
+    assert summary["skipped"]["count"] == 5
+    code, stdout, err = run_main(capsys, "eval", "--run", str(out), "--device", "cpu")
+    assert code == 0, err
+    assert "(8 images;" in stdout
+    assert err.count("Skipping unreadable image") == len(bad)
