@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
-from deltaft.app.build import verify_data
+from deltaft.app.build import derived_seed, make_loader, verify_data
+from deltaft.app.config import TrainConfig
 from deltaft.app.data import ImageFolder, build_datasets
 from deltaft.engine import evaluate
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     CLASSES,
     MODEL,
+    load_state,
     one_thread,
     restore_logging,
     run_main,
@@ -106,3 +109,55 @@ def test_run_summary_and_eval_count_the_readable_images(
     assert code == 0, err
     assert "(8 images;" in stdout
     assert err.count("Skipping unreadable image") == len(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 5: augmentation does not depend on the worker count
+# ------------------------------------------------------------------------------------------------
+def _epoch_batches(train: torch.utils.data.Dataset, workers: int, epoch: int) -> list[Tensor]:
+    cfg = TrainConfig(data="unused", out="unused", model=MODEL, batch_size=4, workers=workers)
+    generator = torch.Generator()
+    loader = make_loader(train, cfg, torch.device("cpu"), shuffle=True, generator=generator)
+    generator.manual_seed(derived_seed(0, "order", epoch))  # as the epoch loop does
+    torch.manual_seed(epoch)  # the main process's RNG must not matter either
+    return [x for x, _ in loader]
+
+
+def test_augmentation_is_the_same_with_any_number_of_workers(tmp_path: Path) -> None:
+    splits = build_datasets(str(_data(tmp_path / "data")), image_size=16)
+    reference = _epoch_batches(splits.train, 0, 1)
+    for workers in (1, 2):
+        batches = _epoch_batches(splits.train, workers, 1)
+        assert len(batches) == len(reference)
+        for got, expected in zip(batches, reference, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # another epoch draws other crops and flips
+    assert not torch.equal(torch.cat(_epoch_batches(splits.train, 0, 2)), torch.cat(reference))
+
+
+def test_augmentation_leaves_the_main_process_rng_alone(tmp_path: Path) -> None:
+    splits = build_datasets(str(_data(tmp_path / "data")), image_size=16)
+    _epoch_batches(splits.train, 0, 1)
+    state = torch.get_rng_state()
+    cfg = TrainConfig(data="unused", out="unused", model=MODEL, batch_size=4, workers=0)
+    loader = make_loader(splits.train, cfg, torch.device("cpu"), shuffle=True,
+                         generator=torch.Generator().manual_seed(3))  # fmt: skip
+    list(loader)
+    after = torch.get_rng_state()
+    # the loader draws its base seed from its own generator; the transforms draw nothing here
+    assert torch.equal(state, after)
+
+
+def test_training_with_zero_or_two_workers_gives_the_same_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _data(tmp_path / "data")
+    weights = []
+    for workers in (0, 2):
+        out = tmp_path / f"run{workers}"
+        argv = _train_argv(root, out, "--epochs", "2", "--workers", str(workers))
+        code, _, err = run_main(capsys, *argv)
+        assert code == 0, err
+        weights.append(load_state(out / "checkpoints" / "last.pt")["model"])
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from deltaft.app.config import TrainConfig
-from deltaft.app.data import DataSplits, build_datasets
+from deltaft.app.data import DataSplits, SampleSeeds, SeededDataset, build_datasets
 from deltaft.app.distributed import DistInfo
 from deltaft.app.errors import SettingError
 from deltaft.app.models import ModelInfo, build_model
@@ -146,7 +146,21 @@ def make_loader(
     sampler: Sampler[Any] | None = None,
     drop_last: bool = False,
 ) -> DataLoader[Any]:
-    """A loader with ``cfg``'s batch size and workers (pinned memory on CUDA)."""
+    """A loader with ``cfg``'s batch size and workers (pinned memory on CUDA).
+
+    With a ``generator`` (training, attention estimation), the data order comes from it and
+    each image's random augmentation from ``(generator.initial_seed(), pass, index)``
+    (:class:`~deltaft.app.data.SampleSeeds`): the same with any number of workers, and the
+    main process's RNG is left as it was.
+    """
+    if generator is not None:
+        if sampler is None:  # the sampler DataLoader would make, drawing from the same generator
+            sized: Any = dataset
+            sampler = (
+                RandomSampler(sized, generator=generator) if shuffle else SequentialSampler(sized)
+            )
+        sampler = SampleSeeds(sampler, generator)
+        dataset = SeededDataset(dataset)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,

@@ -15,7 +15,8 @@ remains (``val_split``). Model selection uses the validation split, never the te
 
 The modules, by concern: :mod:`.images` (decoding any image file to RGB), :mod:`.folders` (image
 folders as datasets, and writing them), :mod:`.sampling` (stratified subsamples and splits),
-:mod:`.transforms` (training and evaluation transforms), :mod:`.sources` (where the splits come
+:mod:`.transforms` (training and evaluation transforms), :mod:`.seeding` (per-sample
+augmentation seeds, independent of the worker count), :mod:`.sources` (where the splits come
 from, and :func:`build_datasets`).
 
 Example::
@@ -37,6 +38,7 @@ from deltaft.app.data.sampling import (
     stratified_indices,
     stratified_split,
 )
+from deltaft.app.data.seeding import SampleSeeds, SeededDataset, sample_seed
 from deltaft.app.data.sources import (
     DEFAULT_DATA_ROOT,
     FAKEDATA_CLASSES,
@@ -74,6 +76,8 @@ __all__ = [
     "DataSplits",
     "ImageFolder",
     "Preset",
+    "SampleSeeds",
+    "SeededDataset",
     "build_datasets",
     "check_crop_scale",
     "check_hflip",
@@ -83,6 +87,7 @@ __all__ = [
     "check_val_split",
     "class_folders",
     "eval_transform",
+    "sample_seed",
     "scan_images",
     "stratified_indices",
     "stratified_split",
