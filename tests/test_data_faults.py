@@ -7,21 +7,27 @@ Everything runs on CPU with the toy CNN of ``tests/toy_models.py`` and one torch
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor
 
 from deltaft.app.build import derived_seed, make_loader, verify_data
 from deltaft.app.config import TrainConfig
 from deltaft.app.data import ImageFolder, build_datasets
+from deltaft.app.data.images import MAX_ASPECT_RATIO, load_rgb
+from deltaft.app.data.transforms import MAX_IMAGE_SIZE
+from deltaft.app.errors import SettingError
 from deltaft.engine import evaluate
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     CLASSES,
     MODEL,
     load_state,
     one_thread,
+    raises_rendered,
     restore_logging,
     run_main,
     write_images,
@@ -161,3 +167,39 @@ def test_training_with_zero_or_two_workers_gives_the_same_weights(
         weights.append(load_state(out / "checkpoints" / "last.pt")["model"])
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 11: absurd image sizes are skipped; --image-size has an upper bound
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(1, 2000), (3000, 2)])
+def test_an_extreme_aspect_ratio_is_skipped_like_a_broken_file(
+    size: tuple[int, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _data(tmp_path / "data")
+    odd = root / "train" / "ant" / "strip.png"
+    Image.new("RGB", size, (90, 90, 90)).save(odd)
+    splits = build_datasets(str(root), image_size=16)
+    with caplog.at_level(logging.WARNING, logger="deltaft"):
+        assert verify_data(splits) == [str(odd)]
+    [message] = [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()]
+    assert f"Skipping unreadable image {odd}" in message
+    assert f"{size[0]}x{size[1]} pixels" in message and f"beyond {MAX_ASPECT_RATIO}:1" in message
+    assert len(splits.train) == 16  # type: ignore[arg-type]
+
+
+def test_the_largest_allowed_aspect_ratio_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (2 * MAX_ASPECT_RATIO, 2), (90, 90, 90)).save(path)
+    assert load_rgb(str(path)).size == (2 * MAX_ASPECT_RATIO, 2)
+
+
+def test_image_size_has_an_upper_bound(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with raises_rendered(SettingError, rf"--image-size must be <= {MAX_IMAGE_SIZE}, got 100000"):
+        TrainConfig(data="d", out="o", model=MODEL, image_size=100_000)
+    with raises_rendered(SettingError, "--image-size must be <= "):
+        build_datasets(str(_data(tmp_path / "data")), image_size=MAX_IMAGE_SIZE + 1)
+    TrainConfig(data="d", out="o", model=MODEL, image_size=MAX_IMAGE_SIZE)
+    argv = _train_argv(tmp_path, tmp_path / "run", "--image-size", "99999")
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and f"--image-size must be <= {MAX_IMAGE_SIZE}" in err

@@ -32,6 +32,7 @@ from deltaft.app.data.folders import (
     scan_images,
     write_image_folder,
 )
+from deltaft.app.data.images import MAX_ASPECT_RATIO
 from deltaft.app.data.sampling import (
     check_sampling,
     check_val_split,
@@ -52,6 +53,7 @@ from deltaft.app.data.sources import (
 from deltaft.app.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     Preset,
     check_crop_scale,
@@ -69,6 +71,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MAX_ASPECT_RATIO",
+    "MAX_IMAGE_SIZE",
     "MIN_IMAGE_SIZE",
     "TEST_FRACTION",
     "TEST_SPLIT_SEED",
