@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,61 @@ def test_image_size_has_an_upper_bound(tmp_path: Path, capsys: pytest.CaptureFix
     argv = _train_argv(tmp_path, tmp_path / "run", "--image-size", "99999")
     code, _, err = run_main(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and f"--image-size must be <= {MAX_IMAGE_SIZE}" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 12: settings out of range are one line with exit status 2
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["top", "subcommand"])
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_below_one_is_refused(
+    where: str, threads: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["layers", "--model", MODEL]
+    argv = ["--threads", threads, *argv] if where == "top" else [*argv, "--threads", threads]
+    threads_before = torch.get_num_threads()
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2
+    assert err == f"deltaft: error: --threads must be >= 1, got {threads}.\n"
+    assert torch.get_num_threads() == threads_before
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
+def test_a_seed_out_of_range_names_the_flag(
+    seed: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with raises_rendered(SettingError, rf"--seed must be in \[0, 2\*\*63 - 1\], got {seed}"):
+        TrainConfig(data="d", out="o", model=MODEL, seed=seed)
+    code, _, err = run_main(capsys, *_train_argv(tmp_path, tmp_path / "run", "--seed", str(seed)))
+    assert code == 2 and err.count("\n") == 1 and "--seed must be in [0, 2**63 - 1]" in err
+    TrainConfig(data="d", out="o", model=MODEL, seed=2**63 - 1)
+
+
+def test_fewer_than_two_classes_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    write_images(root, "train", 3, 0)
+    for name in CLASSES[1:]:
+        shutil.rmtree(root / "train" / name)
+    with pytest.raises(ValueError, match=r"has 1 class \(ant\); .* at least 2 classes"):
+        build_datasets(str(root), image_size=16)
+    code, _, err = run_main(capsys, *_train_argv(root, tmp_path / "run"))
+    assert code == 2 and "at least 2 classes" in err.splitlines()[-1]
+
+
+def test_the_attention_loader_drops_a_final_batch_of_one(tmp_path: Path) -> None:
+    splits = build_datasets(str(_data(tmp_path / "data", train=3)), image_size=16)  # 12 images
+    cfg = TrainConfig(data="d", out="o", model=MODEL, batch_size=11, workers=0)
+    generator = torch.Generator().manual_seed(0)
+    loader = make_loader(splits.train, cfg, torch.device("cpu"), shuffle=True, generator=generator)
+    assert [len(y) for _, y in loader] == [11]
+    for n in (10, 12):  # a final batch of 2 is kept, as is every image of an evaluation loader
+        cfg = TrainConfig(data="d", out="o", model=MODEL, batch_size=n, workers=0)
+        loader = make_loader(splits.train, cfg, torch.device("cpu"), shuffle=True,
+                             generator=generator)  # fmt: skip
+        assert sum(len(y) for _, y in loader) == 12
+    cfg = TrainConfig(data="d", out="o", model=MODEL, batch_size=11, workers=0)
+    assert splits.test is not None
+    loader = make_loader(splits.test, cfg, torch.device("cpu"), shuffle=False)
+    assert sum(len(y) for _, y in loader) == 8

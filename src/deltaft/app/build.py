@@ -144,15 +144,22 @@ def make_loader(
     shuffle: bool,
     generator: torch.Generator | None = None,
     sampler: Sampler[Any] | None = None,
-    drop_last: bool = False,
+    drop_last: bool | None = None,
 ) -> DataLoader[Any]:
     """A loader with ``cfg``'s batch size and workers (pinned memory on CUDA).
+
+    ``drop_last=None`` drops a final batch of one image from a shuffled loader (the attention
+    head trains with BatchNorm in train mode, as training does, where one image is no batch
+    statistic) and keeps every image of an unshuffled (evaluation) loader.
 
     With a ``generator`` (training, attention estimation), the data order comes from it and
     each image's random augmentation from ``(generator.initial_seed(), pass, index)``
     (:class:`~deltaft.app.data.SampleSeeds`): the same with any number of workers, and the
     main process's RNG is left as it was.
     """
+    if drop_last is None:
+        size = len(dataset)  # type: ignore[arg-type]
+        drop_last = shuffle and size > cfg.batch_size and size % cfg.batch_size == 1
     if generator is not None:
         if sampler is None:  # the sampler DataLoader would make, drawing from the same generator
             sized: Any = dataset

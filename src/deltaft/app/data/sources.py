@@ -343,9 +343,10 @@ def build_datasets(
         The splits; ``val`` and ``test`` are ``None`` when the source has none.
 
     Raises:
-        ValueError: a missing or empty folder, a class folder without images, class folders that
-            differ between splits, an unknown ``tv:`` name, a torchvision dataset that is not on
-            disk (without ``download``), or an invalid option.
+        ValueError: a missing or empty folder, fewer than 2 classes, a class folder without
+            images, class folders that differ between splits, an unknown ``tv:`` name, a
+            torchvision dataset that is not on disk (without ``download``), or an invalid
+            option.
     """
     check_sampling(per_class, fraction)
     check_val_split(val_split)
@@ -357,6 +358,12 @@ def build_datasets(
     else:
         source = _folder_source(Path(data).expanduser())
 
+    if len(source.classes) < 2:
+        raise ValueError(
+            f"{source.name} has {len(source.classes)} class ({', '.join(source.classes)}); "
+            "fine-tuning a classifier needs at least 2 classes: put each class's images in its "
+            "own folder."
+        )
     base, indices = source.train
     targets: list[int] = []
     if per_class is not None or fraction is not None or (val_split > 0 and source.val is None):
