@@ -22,6 +22,7 @@ from deltaft.app.data import ImageFolder, build_datasets
 from deltaft.app.data.images import MAX_ASPECT_RATIO, load_rgb
 from deltaft.app.data.transforms import MAX_IMAGE_SIZE
 from deltaft.app.errors import SettingError
+from deltaft.app.report import BalanceWarning
 from deltaft.engine import evaluate
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     CLASSES,
@@ -262,3 +263,30 @@ def test_the_attention_loader_drops_a_final_batch_of_one(tmp_path: Path) -> None
     assert splits.test is not None
     loader = make_loader(splits.test, cfg, torch.device("cpu"), shuffle=False)
     assert sum(len(y) for _, y in loader) == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 14: warnings a user can act on
+# ------------------------------------------------------------------------------------------------
+def test_the_balance_warning_fires_only_when_the_task_loss_stops_falling(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = TrainConfig(data="d", out="o", model=MODEL, alpha=0.5)
+    balance = BalanceWarning(cfg)
+
+    def epoch(n: int, task: float, reg: float) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deltaft"):
+            assert balance(n, {"task_loss": task, "reg/delta": reg}) == pytest.approx(reg / task)
+        return [r.getMessage() for r in caplog.records]
+
+    assert epoch(1, 1.0, 50.0) == []  # a large ratio alone predicts nothing
+    assert epoch(2, 0.8, 50.0) == []  # the task loss falls: the regularizer does no harm
+    assert epoch(3, 0.9, 5.0) == []  # stalled, but the regularizer does not dominate
+    [message] = epoch(4, 0.95, 50.0)
+    assert message.startswith(
+        "epoch 4: the task loss stopped falling (0.9 -> 0.95) while the regularizer is 52.6 "
+        "times it: --alpha 0.5 (--beta "
+    )
+    assert "try --alpha 0.05." in message
+    assert epoch(5, 1.0, 50.0) == []  # once per run
