@@ -290,3 +290,23 @@ def test_the_balance_warning_fires_only_when_the_task_loss_stops_falling(
     )
     assert "try --alpha 0.05." in message
     assert epoch(5, 1.0, 50.0) == []  # once per run
+
+
+def test_a_non_finite_evaluation_loss_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    class Overflowing(torch.nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            logits = torch.zeros(x.shape[0], 3)
+            logits[0, 1] = float("inf")
+            return logits
+
+    batches = [(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]))]
+    with caplog.at_level(logging.WARNING, logger="deltaft"):
+        metrics = evaluate(Overflowing(), batches, device=torch.device("cpu"))
+    assert metrics["images"] == 2
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("The evaluation loss is nan over 2 images:")
+    with caplog.at_level(logging.WARNING, logger="deltaft"):
+        caplog.clear()
+        evaluate(torch.nn.Flatten(), [(torch.zeros(2, 3), torch.tensor([0, 1]))],
+                 device=torch.device("cpu"))  # fmt: skip
+    assert not caplog.records
