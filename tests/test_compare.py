@@ -274,7 +274,7 @@ def test_options_of_other_methods_are_dropped(fake: _FakeTraining, tmp_path: Pat
 
 
 def test_every_run_is_validated_before_training(fake: _FakeTraining, tmp_path: Path) -> None:
-    with raises_rendered(SettingError, "--seed must be >= 0, got -1"):
+    with raises_rendered(SettingError, r"--seed must be in \[0, 2\*\*63 - 1\], got -1"):
         _compare(tmp_path, "l2", [0, -1])
     assert fake.calls == []
 

@@ -442,13 +442,12 @@ def test_build_datasets_errors(
 
 
 def test_skipped_files_are_collected(tmp_path: Path) -> None:
-    _folder(tmp_path / "train", {"a": 2})
-    _folder(tmp_path / "test", {"a": 2})
-    bad = _corrupt(tmp_path / "test" / "a" / "zz.png")
+    _folder(tmp_path / "train", {"a": 2, "b": 2})
+    _folder(tmp_path / "test", {"a": 2, "b": 2})
+    bad = _corrupt(tmp_path / "train" / "a" / "zz.png")  # training skips; evaluation raises
     splits = build_datasets(str(tmp_path), image_size=8)
     assert splits.skipped() == []
-    assert splits.test is not None
-    _ = [splits.test[i] for i in range(len(splits.test))]  # type: ignore[arg-type]
+    _ = [splits.train[i] for i in range(len(splits.train))]  # type: ignore[arg-type]
     assert splits.skipped() == [str(bad)]
     assert splits.verify() == [str(bad)]
 

@@ -433,7 +433,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 def test_dominating_regularizer_is_reported(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    warning = "times the task loss (task_loss"
+    warning = "the task loss stopped falling"
     balanced, dominated = tmp_path / "balanced", tmp_path / "dominated"
     for out, alpha in ((balanced, "0.01"), (dominated, "5")):
         argv = _train_argv(data, out, "--workers", "0", "--epochs", "2", "--alpha", alpha)
@@ -449,12 +449,11 @@ def test_dominating_regularizer_is_reported(
             assert max(ratios) < 10 and warning not in err
         else:
             assert ratios[0] > 10  # DELTA then pulls the features back: later epochs differ
-            [line] = [line for line in err.splitlines() if warning in line]
-            assert re.match(
-                r"deltaft: warning: epoch 1: the regularizer is [\d.e+]+ times the task loss "
-                r"\(task_loss [\d.]+\): --alpha 5 \(--beta [\d.e-]+\) may dominate training",
-                line,
-            ), line
+            # a large ratio alone is no harm: the warning needs a task loss that stopped falling
+            # (tests/test_data_faults.py checks the rule on given metrics)
+            task = [row["train/task_loss"] for row in rows]
+            stalled = ratios[1] > 10 and task[1] >= task[0]
+            assert (warning in err) == stalled, (ratios, task)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -605,7 +604,7 @@ def test_bad_files_are_counted_in_the_run_summary(
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == {"count": len(bad), "files": sorted(str(p) for p in bad)}
-    assert summary["train_images"] == 32 + len(BAD_KINDS) + len(ODD_KINDS)
+    assert summary["train_images"] == 32 + len(ODD_KINDS)  # unreadable files leave the split
     for path in bad:
         assert err.count(f"Skipping unreadable image {path} (") == 1
     assert f"skipped {len(bad)} unreadable image(s)" in stdout

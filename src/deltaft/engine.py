@@ -8,6 +8,7 @@ The loop is the same for every method: it calls ``objective(x, y)``, back-propag
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -32,6 +33,8 @@ __all__ = [
     "evaluate",
     "train_one_epoch",
 ]
+
+logger = logging.getLogger(__name__)
 
 Amp = Literal["none", "bf16", "fp16"]
 ReduceFn = Callable[[Tensor], Tensor]
@@ -300,7 +303,8 @@ def evaluate(
     """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader``, in eval mode.
 
     The model's train/eval mode is restored afterwards. With ``reduce`` (distributed), each
-    process evaluates its shard and the sums are combined.
+    process evaluates its shard and the sums are combined. A non-finite loss (infinite or NaN
+    logits) is logged as a warning: accuracy computed from such logits means little.
 
     Returns:
         ``loss`` (mean cross-entropy per image), ``acc`` (top-1, a fraction in [0, 1]) and
@@ -330,6 +334,13 @@ def evaluate(
     )
     if totals["images"] == 0:
         raise ValueError("The evaluation loader yielded no image.")
+    if not math.isfinite(totals["loss"]):
+        logger.warning(
+            "The evaluation loss is %s over %d images: the model gave infinite or NaN logits, so "
+            "its accuracy means little; check the weights, or lower --lr or use --amp none.",
+            totals["loss"] / totals["images"],
+            int(totals["images"]),
+        )
     return {
         "loss": totals["loss"] / totals["images"],
         "acc": totals["correct"] / totals["images"],

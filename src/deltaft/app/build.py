@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from deltaft.app.config import TrainConfig
-from deltaft.app.data import DataSplits, ImageFolder, build_datasets
+from deltaft.app.data import DataSplits, SampleSeeds, SeededDataset, build_datasets
 from deltaft.app.distributed import DistInfo
 from deltaft.app.errors import SettingError
 from deltaft.app.models import ModelInfo, build_model
@@ -114,24 +114,25 @@ def build_data(cfg: TrainConfig, info: ModelInfo, image_size: int) -> DataSplits
 
 
 def verify_data(splits: DataSplits) -> list[str]:
-    """Decode every image once: the full list of unreadable files, and a class check.
+    """Decode every image once, take the unreadable files out of every split and check that each
+    split still has an image of every class.
+
+    Training, validation and test then use only images that decoded at start-up, and the splits'
+    lengths count them. A training file that fails later is replaced by the next readable one
+    (with a warning); a validation or test file that fails later stops the evaluation with an
+    ``OSError`` naming it (:class:`~deltaft.app.data.ImageFolder` ``skip_unreadable``).
+
+    Returns:
+        The sorted paths of the unreadable files (each was named in a warning).
 
     Raises:
-        ValueError: a class of the training split has no readable image.
+        ValueError: a class has no readable image in the training, validation or test split.
     """
     skipped = splits.verify()
-    train = splits.train
-    if isinstance(train, ImageFolder):
-        readable = {label for path, label in train.samples if path not in train.skipped}
-        empty = [name for label, name in enumerate(train.classes) if label not in readable]
-        if empty:
-            folders = ", ".join(str(train.root / name) for name in empty)
-            raise ValueError(
-                f"Class folder(s) {folders} have no readable image (every file failed to "
-                "decode); fix or re-save the images, or remove the folder."
-            )
     if skipped:  # each was named in a warning as it was found
-        logger.info("%d unreadable image(s) skipped; summary.json lists them.", len(skipped))
+        logger.info(
+            "%d unreadable image(s) left out of the splits; summary.json lists them.", len(skipped)
+        )
     return skipped
 
 
@@ -143,9 +144,30 @@ def make_loader(
     shuffle: bool,
     generator: torch.Generator | None = None,
     sampler: Sampler[Any] | None = None,
-    drop_last: bool = False,
+    drop_last: bool | None = None,
 ) -> DataLoader[Any]:
-    """A loader with ``cfg``'s batch size and workers (pinned memory on CUDA)."""
+    """A loader with ``cfg``'s batch size and workers (pinned memory on CUDA).
+
+    ``drop_last=None`` drops a final batch of one image from a shuffled loader (the attention
+    head trains with BatchNorm in train mode, as training does, where one image is no batch
+    statistic) and keeps every image of an unshuffled (evaluation) loader.
+
+    With a ``generator`` (training, attention estimation), the data order comes from it and
+    each image's random augmentation from ``(generator.initial_seed(), pass, index)``
+    (:class:`~deltaft.app.data.SampleSeeds`): the same with any number of workers, and the
+    main process's RNG is left as it was.
+    """
+    if drop_last is None:
+        size = len(dataset)  # type: ignore[arg-type]
+        drop_last = shuffle and size > cfg.batch_size and size % cfg.batch_size == 1
+    if generator is not None:
+        if sampler is None:  # the sampler DataLoader would make, drawing from the same generator
+            sized: Any = dataset
+            sampler = (
+                RandomSampler(sized, generator=generator) if shuffle else SequentialSampler(sized)
+            )
+        sampler = SampleSeeds(sampler, generator)
+        dataset = SeededDataset(dataset)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,

@@ -69,6 +69,9 @@ def _meta(help: str, *, metavar: str | None = None, runtime: bool = False) -> di
     return {"help": help, "metavar": metavar, "runtime": runtime}
 
 
+_MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; DistributedSampler adds the epoch to the seed
+
+
 @dataclass
 class TrainConfig:
     """Every setting of ``deltaft train``; each field is the flag of the same name.
@@ -309,7 +312,11 @@ class TrainConfig:
         at_least("attention_epochs", self.attention_epochs, 0)
         at_least("attention_batches", self.attention_batches, 1)
         above("temperature", self.temperature, 0.0)
-        at_least("seed", self.seed, 0)
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise SettingError(
+                f"{{seed}} must be in [0, 2**63 - 1], got {self.seed}; any seed in that range "
+                "gives a reproducible run."
+            )
         at_least("workers", self.workers, 0)
         if self.device != "auto":
             try:

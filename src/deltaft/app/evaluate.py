@@ -30,7 +30,9 @@ def evaluate_checkpoint(
     """Evaluate a run's checkpoint on a split of its data (or of ``data``, same classes).
 
     The model is rebuilt from the checkpoint (its config, classes and head, no pretrained
-    weights), the data with the checkpoint's image size, mean and std.
+    weights), the data with the checkpoint's image size, mean and std. Every image of the split
+    is decoded first; unreadable ones are left out (``skipped`` lists them) and ``images``
+    counts those evaluated.
 
     Returns:
         ``{"split", "checkpoint", "epoch", "accuracy", "loss", "images", "data", "skipped"}``.
@@ -38,8 +40,8 @@ def evaluate_checkpoint(
     Raises:
         SettingError: ``run_dir`` (the ``run`` setting) is not a directory; no such split.
         FileNotFoundError: no such checkpoint.
-        ValueError: an unreadable checkpoint, weights that do not fit the model, or classes
-            that differ from the run's.
+        ValueError: an unreadable checkpoint, weights that do not fit the model, classes
+            that differ from the run's, or a class without a readable image in the split.
     """
     run = RunDir(run_dir, write=False)
     if not run.path.is_dir():
@@ -75,6 +77,7 @@ def evaluate_checkpoint(
     if dataset is None:
         hint = "a test/ folder" if split == "test" else "a val/ folder or {val_split}"
         raise SettingError(f"{cfg.data} has no {split} split; give it {hint}.")
+    splits.verify([split])  # unreadable files leave the split: the count is what was read
     loader = make_loader(dataset, cfg, torch_device, shuffle=False)
     metrics = evaluate(model, loader, device=torch_device)
     return {

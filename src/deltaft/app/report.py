@@ -16,7 +16,7 @@ __all__ = ["BalanceWarning", "epoch_line", "plot_run", "reg_to_task"]
 
 logger = logging.getLogger(__name__)
 
-_DOMINANT_RATIO = 10.0  # warn when the regularizer exceeds the task loss this many times
+_DOMINANT_RATIO = 10.0  # the regularizer exceeds the task loss this many times: it may dominate
 
 
 def _format_metrics(metrics: Mapping[str, float]) -> str:
@@ -58,26 +58,42 @@ def reg_to_task(metrics: Mapping[str, float]) -> float | None:
 
 
 class BalanceWarning:
-    """Warns once per run when the regularizer is more than 10 times the task loss."""
+    """Warns once per run when the regularizer dominates *and* holds training back: the epoch's
+    regularizer is more than 10 times its task loss and the task loss did not fall from the
+    previous epoch.
+
+    A large ratio alone predicts nothing: DELTA's penalty sums over channels and pixels, so it
+    is often many times the task loss while the task loss falls as it should (the demo's own
+    settings; most runs from random weights). A task loss that stops falling while the
+    regularizer dominates is what a too-large ``alpha`` does, and the warning says so, with a
+    smaller value to try.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.alpha, self.beta = cfg.alpha, cfg.beta
         self.reported = False
+        self._previous: float | None = None  # the previous epoch's task loss
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> float | None:
-        """The epoch's :func:`reg_to_task` ratio; a warning the first time it dominates."""
+        """The epoch's :func:`reg_to_task` ratio; a warning the first time it predicts harm."""
         ratio = reg_to_task(metrics)
-        if ratio is not None and ratio > _DOMINANT_RATIO and not self.reported:
+        task = metrics.get("task_loss")
+        previous, self._previous = self._previous, task
+        stalled = previous is not None and task is not None and not task < previous
+        if ratio is not None and ratio > _DOMINANT_RATIO and stalled and not self.reported:
             self.reported = True
             logger.warning(
-                "epoch %d: the regularizer is %.3g times the task loss (task_loss %.4g): "
-                "--alpha %g (--beta %g) may dominate training; consider a smaller --alpha. "
-                "metrics.jsonl logs the ratio of every epoch (train/reg_to_task).",
+                "epoch %d: the task loss stopped falling (%.4g -> %.4g) while the regularizer is "
+                "%.3g times it: --alpha %g (--beta %g) holds the weights too close to the source "
+                "to fit the new classes; try --alpha %g. metrics.jsonl logs the ratio of every "
+                "epoch (train/reg_to_task).",
                 epoch,
+                previous,
+                task,
                 ratio,
-                metrics["task_loss"],
                 self.alpha,
                 self.beta,
+                self.alpha / 10,
             )
         return ratio
 

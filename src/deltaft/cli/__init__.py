@@ -110,9 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help, --version
         return exit_.code if isinstance(exit_.code, int) else 0
+    if args.threads is not None and args.threads < 1:
+        _error(f"--threads must be >= 1, got {args.threads}.")
+        return 2
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     configure_logging(level)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     quiet_progress = args.quiet or not hasattr(args, "log_every")
     progress = None if quiet_progress else ProgressPrinter(every=args.log_every)

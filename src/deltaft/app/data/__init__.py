@@ -15,7 +15,8 @@ remains (``val_split``). Model selection uses the validation split, never the te
 
 The modules, by concern: :mod:`.images` (decoding any image file to RGB), :mod:`.folders` (image
 folders as datasets, and writing them), :mod:`.sampling` (stratified subsamples and splits),
-:mod:`.transforms` (training and evaluation transforms), :mod:`.sources` (where the splits come
+:mod:`.transforms` (training and evaluation transforms), :mod:`.seeding` (per-sample
+augmentation seeds, independent of the worker count), :mod:`.sources` (where the splits come
 from, and :func:`build_datasets`).
 
 Example::
@@ -31,12 +32,14 @@ from deltaft.app.data.folders import (
     scan_images,
     write_image_folder,
 )
+from deltaft.app.data.images import MAX_ASPECT_RATIO
 from deltaft.app.data.sampling import (
     check_sampling,
     check_val_split,
     stratified_indices,
     stratified_split,
 )
+from deltaft.app.data.seeding import SampleSeeds, SeededDataset, sample_seed
 from deltaft.app.data.sources import (
     DEFAULT_DATA_ROOT,
     FAKEDATA_CLASSES,
@@ -50,6 +53,7 @@ from deltaft.app.data.sources import (
 from deltaft.app.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     Preset,
     check_crop_scale,
@@ -67,6 +71,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MAX_ASPECT_RATIO",
+    "MAX_IMAGE_SIZE",
     "MIN_IMAGE_SIZE",
     "TEST_FRACTION",
     "TEST_SPLIT_SEED",
@@ -74,6 +80,8 @@ __all__ = [
     "DataSplits",
     "ImageFolder",
     "Preset",
+    "SampleSeeds",
+    "SeededDataset",
     "build_datasets",
     "check_crop_scale",
     "check_hflip",
@@ -83,6 +91,7 @@ __all__ = [
     "check_val_split",
     "class_folders",
     "eval_transform",
+    "sample_seed",
     "scan_images",
     "stratified_indices",
     "stratified_split",

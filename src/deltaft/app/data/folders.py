@@ -102,13 +102,16 @@ class ImageFolder(Dataset[tuple[Any, int]]):
     An unreadable file is skipped: ``__getitem__`` logs one warning naming it, adds its path to
     ``skipped`` and returns the next readable sample (index + 1, + 2, ... modulo ``len``) with that
     sample's own label. With DataLoader workers, ``skipped`` fills in the worker processes; call
-    :meth:`verify` in the main process for a complete list.
+    :meth:`verify` in the main process for a complete list, then :meth:`drop_skipped` to take the
+    unreadable files out of ``samples``. With ``skip_unreadable=False`` (evaluated splits, where a
+    stand-in image would be counted twice) an unreadable file raises ``OSError`` instead.
 
     Args:
         root: the folder of class folders.
         transform: applied to the RGB ``PIL.Image``.
         classes: the expected class folder names in label order (e.g. those of the training split);
             the folders under ``root`` must be exactly these. Default: the sorted folder names.
+        skip_unreadable: skip an unreadable file as above (``True``) or raise (``False``).
 
     Attributes:
         classes: class names, index = label.
@@ -116,6 +119,7 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         samples: ``(path, label)`` pairs, sorted by class then path.
         targets: the labels of ``samples``.
         skipped: paths found unreadable so far.
+        skip_unreadable: the constructor argument.
 
     Raises:
         ValueError: ``root`` is missing or has no class folders, the class folders differ from
@@ -128,9 +132,11 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         transform: Callable[[Image.Image], Any] | None = None,
         *,
         classes: list[str] | None = None,
+        skip_unreadable: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
         found = class_folders(self.root)
         if classes is not None and sorted(classes) != found:
             missing = sorted(set(classes) - set(found))
@@ -155,16 +161,21 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         self.skipped: set[str] = set()
 
     def subset(
-        self, indices: Sequence[int], *, transform: Callable[[Image.Image], Any] | None = None
+        self,
+        indices: Sequence[int],
+        *,
+        transform: Callable[[Image.Image], Any] | None = None,
+        skip_unreadable: bool = True,
     ) -> ImageFolder:
         """A new ``ImageFolder`` over ``samples[i] for i in indices``, without re-scanning.
 
         Skipping stays inside the subset: a corrupt training image is replaced by another training
-        image, never by a test image. ``transform`` replaces this folder's transform.
+        image, never by a test image. ``transform`` and ``skip_unreadable`` replace this folder's.
         """
         new = ImageFolder.__new__(ImageFolder)
         new.root = self.root
         new.transform = transform
+        new.skip_unreadable = skip_unreadable
         new.classes = list(self.classes)
         new.class_to_idx = dict(self.class_to_idx)
         new.samples = [self.samples[i] for i in indices]
@@ -179,14 +190,20 @@ class ImageFolder(Dataset[tuple[Any, int]]):
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
-        for step in range(n):
+        for step in range(n if self.skip_unreadable else 1):
             path, label = self.samples[(index + step) % n]
-            if path in self.skipped:
+            if path in self.skipped and self.skip_unreadable:
                 continue
             try:
                 image = load_rgb(path)
             # PIL raises many exception types on bad files (OSError, SyntaxError, ValueError, ...)
             except Exception as exc:
+                if not self.skip_unreadable:
+                    raise OSError(
+                        f"{path} could not be read during evaluation ({type(exc).__name__}: "
+                        f"{one_line(exc)}); an evaluated image is never replaced by another one: "
+                        "fix or remove the file and run again."
+                    ) from exc
                 self._skip(path, exc)
                 continue
             return (self.transform(image) if self.transform is not None else image), label
@@ -215,6 +232,17 @@ class ImageFolder(Dataset[tuple[Any, int]]):
             except Exception as exc:
                 self._skip(path, exc)
         return sorted(self.skipped)
+
+    def drop_skipped(self) -> int:
+        """Take the files in ``skipped`` out of ``samples`` and ``targets``; return how many.
+
+        After :meth:`verify`, the folder then holds only images that decoded, and ``len`` is
+        their count.
+        """
+        before = len(self.samples)
+        self.samples = [(path, label) for path, label in self.samples if path not in self.skipped]
+        self.targets = [label for _, label in self.samples]
+        return before - len(self.samples)
 
     def __repr__(self) -> str:
         return (

@@ -8,9 +8,16 @@ import stat
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ToRGB", "load_rgb", "one_line", "to_rgb"]
+__all__ = ["MAX_ASPECT_RATIO", "ToRGB", "load_rgb", "one_line", "to_rgb"]
 
 _WHITE = (255, 255, 255)
+
+# The longest side may be at most this many times the shortest. The evaluation transform scales
+# the short side to image_size / 0.875: a 1 x 80,000,000 strip (within PIL's pixel limit) would
+# become 256 x 20 billion pixels. At 32:1 and the largest image size (1024, short side 1170) an
+# image is resized to at most 44 million pixels (131 MB); real photographs and panoramas stay
+# well within 32:1.
+MAX_ASPECT_RATIO = 32
 
 
 def one_line(exc: BaseException) -> str:
@@ -54,16 +61,39 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
+def _check_size(width: int, height: int) -> None:
+    """Raises ``ValueError`` for an absurd size (see :func:`load_rgb`)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ValueError(
+            f"{width}x{height} pixels, more than the {limit} that PIL decodes without a warning"
+        )
+    short, long = sorted((width, height))
+    if short < 1 or long > MAX_ASPECT_RATIO * short:
+        raise ValueError(
+            f"{width}x{height} pixels, an aspect ratio beyond {MAX_ASPECT_RATIO}:1 that resizing "
+            "would blow up; crop it"
+        )
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode ``path`` fully (so corrupt or truncated data fails here) and return an RGB copy.
+
+    The size is checked before decoding: PIL refuses more than twice ``Image.MAX_IMAGE_PIXELS``
+    (a decompression bomb) and only warns above it; this refuses anything above it, and a
+    longest side more than :data:`MAX_ASPECT_RATIO` times the shortest (the resize would
+    blow up).
 
     Raises:
         OSError: not a regular file (a FIFO or a device would block or never end), or any
             error of reading it.
+        ValueError: more pixels than ``Image.MAX_IMAGE_PIXELS`` or an aspect ratio beyond
+            :data:`MAX_ASPECT_RATIO`.
     """
     if not stat.S_ISREG(os.stat(path).st_mode):  # follows symlinks; ELOOP raises here
         raise OSError(f"{path} is not a regular file")
     with Image.open(path) as image:
+        _check_size(*image.size)
         image.load()
         try:
             upright = ImageOps.exif_transpose(image)  # a new image, rotated as the camera meant

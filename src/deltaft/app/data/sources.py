@@ -231,11 +231,13 @@ def _tv_source(name: str, root: Path, download: bool, image_size: int) -> _Sourc
 
 
 def _view(
-    pool: tuple[Dataset[Any], list[int]], transform: Callable[[Any], Any]
+    pool: tuple[Dataset[Any], list[int]], transform: Callable[[Any], Any], *, evaluated: bool
 ) -> Dataset[tuple[Any, int]]:
+    """The split's dataset; an evaluated image folder raises on an unreadable file (no
+    stand-in image with another image's label)."""
     base, indices = pool
     if isinstance(base, ImageFolder):
-        return base.subset(indices, transform=transform)
+        return base.subset(indices, transform=transform, skip_unreadable=not evaluated)
     return _TransformedSubset(base, indices, transform)
 
 
@@ -266,11 +268,36 @@ class DataSplits:
         """Sorted paths of the files skipped as unreadable so far (in this process)."""
         return sorted(set().union(*(folder.skipped for folder in self.folders)))
 
-    def verify(self) -> list[str]:
-        """Decode every image of every split once and return the sorted unreadable paths."""
-        for folder in self.folders:
+    def verify(self, names: Sequence[str] = ("train", "val", "test")) -> list[str]:
+        """Decode every image of the splits ``names`` once, take the unreadable ones out of their
+        split (:meth:`ImageFolder.drop_skipped`) and return the sorted paths skipped so far.
+
+        Afterwards those splits hold only images that decoded, and their ``len`` is the count.
+
+        Raises:
+            ValueError: every image of a class in a split is unreadable (nothing is dropped).
+        """
+        folders = {name: getattr(self, name) for name in names}
+        checked = {n: f for n, f in folders.items() if isinstance(f, ImageFolder)}
+        for folder in checked.values():
             folder.verify()
+        for name, folder in checked.items():
+            _check_readable_classes(folder, name)
+        for folder in checked.values():
+            folder.drop_skipped()
         return self.skipped()
+
+
+def _check_readable_classes(folder: ImageFolder, split: str) -> None:
+    """Raises ``ValueError`` when a class of ``folder`` has images but none readable."""
+    readable = {label for path, label in folder.samples if path not in folder.skipped}
+    empty = sorted(set(folder.targets) - readable)
+    if empty:
+        folders = ", ".join(str(folder.root / folder.classes[label]) for label in empty)
+        raise ValueError(
+            f"Class folder(s) {folders} have no readable image in the {split} split (every file "
+            "failed to decode); fix or re-save the images, or remove the folder."
+        )
 
 
 def build_datasets(
@@ -307,13 +334,19 @@ def build_datasets(
     4. Training images get :func:`train_transform` (with ``hflip`` and ``crop_scale``),
        validation and test images :func:`eval_transform`.
 
+    Image files are decoded when read. An unreadable training image is replaced by the next
+    readable one (with a warning); an unreadable validation or test image raises ``OSError``,
+    since a stand-in would be counted as another image. :meth:`DataSplits.verify` decodes
+    everything once and takes the unreadable files out of every split.
+
     Returns:
         The splits; ``val`` and ``test`` are ``None`` when the source has none.
 
     Raises:
-        ValueError: a missing or empty folder, a class folder without images, class folders that
-            differ between splits, an unknown ``tv:`` name, a torchvision dataset that is not on
-            disk (without ``download``), or an invalid option.
+        ValueError: a missing or empty folder, fewer than 2 classes, a class folder without
+            images, class folders that differ between splits, an unknown ``tv:`` name, a
+            torchvision dataset that is not on disk (without ``download``), or an invalid
+            option.
     """
     check_sampling(per_class, fraction)
     check_val_split(val_split)
@@ -325,6 +358,12 @@ def build_datasets(
     else:
         source = _folder_source(Path(data).expanduser())
 
+    if len(source.classes) < 2:
+        raise ValueError(
+            f"{source.name} has {len(source.classes)} class ({', '.join(source.classes)}); "
+            "fine-tuning a classifier needs at least 2 classes: put each class's images in its "
+            "own folder."
+        )
     base, indices = source.train
     targets: list[int] = []
     if per_class is not None or fraction is not None or (val_split > 0 and source.val is None):
@@ -345,9 +384,9 @@ def build_datasets(
         indices = [indices[k] for k in rest]
 
     splits = DataSplits(
-        train=_view((base, indices), train_tf),
-        val=_view(val, eval_tf) if val is not None else None,
-        test=_view(source.test, eval_tf) if source.test is not None else None,
+        train=_view((base, indices), train_tf, evaluated=False),
+        val=_view(val, eval_tf, evaluated=True) if val is not None else None,
+        test=_view(source.test, eval_tf, evaluated=True) if source.test is not None else None,
         classes=source.classes,
     )
     splits.folders = [

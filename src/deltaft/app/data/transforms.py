@@ -14,6 +14,7 @@ from deltaft.app.errors import SettingError
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_IMAGE_SIZE",
     "MIN_IMAGE_SIZE",
     "Preset",
     "check_crop_scale",
@@ -35,19 +36,29 @@ Preset = Literal["default", "paper"]
 # The smallest image side: the stem of an ImageNet network (a stride-2 convolution, then
 # stride-2 pooling or convolutions) leaves nothing to pool from fewer pixels.
 MIN_IMAGE_SIZE = 8
+# The largest: above every pretrained recipe (torchvision's largest, EfficientNet-B7, uses 600;
+# timm's largest 800), while one batch of 32 images stays at 400 MB of input (3 x 1024 x 1024
+# float32 is 12 MB an image) and an evaluation resize at 1170 pixels a side.
+MAX_IMAGE_SIZE = 1024
 
 
 def check_image_size(image_size: int) -> None:
-    """``image_size`` is an integer >= :data:`MIN_IMAGE_SIZE` (8).
+    """``image_size`` is an integer in [:data:`MIN_IMAGE_SIZE`, :data:`MAX_IMAGE_SIZE`]
+    ([8, 1024]).
 
     The one check of this setting: :class:`~deltaft.app.config.TrainConfig` and the transforms
     (so :func:`~deltaft.app.data.build_datasets`) both call it.
 
     Raises:
-        SettingError: not an integer, or below 8.
+        SettingError: not an integer, below 8 or above 1024.
     """
     integer("image_size", image_size)
     at_least("image_size", image_size, MIN_IMAGE_SIZE)
+    if image_size > MAX_IMAGE_SIZE:
+        raise SettingError(
+            f"{{image_size}} must be <= {MAX_IMAGE_SIZE}, got {image_size}; the largest "
+            "pretrained recipes use 600 to 800 pixels."
+        )
 
 
 def check_hflip(hflip: float) -> None:
