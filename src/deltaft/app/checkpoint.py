@@ -124,14 +124,19 @@ class LoopState:
 # Opening a run directory
 # ------------------------------------------------------------------------------------------------
 def open_run(run: RunDir, cfg: TrainConfig) -> dict[str, Any] | None:
-    """Check that the run directory may be used; the checkpoint to resume from, if any.
+    """Claim the run directory (:meth:`RunDir.claim`: one writer per directory) and check that
+    it may be used; the checkpoint to resume from, if any. The caller calls ``run.release()``.
 
     Raises:
-        SettingError: a new run where one exists, or a resume with changed settings.
+        SettingError: a new run where one exists, a directory that another process holds or
+            that cannot be written, or a resume with changed settings.
     """
     if not cfg.resume:
-        run.check_new()
+        run.check_new()  # before the claim: a refused directory is left untouched
+        run.claim()
+        run.check_new()  # again: another process may have written it meanwhile
         return None
+    run.claim()  # before anything is read: another writer may be mid-write
     run.remove_stale_temporaries()
     last = run.checkpoint_path("last")
     if last.is_file():

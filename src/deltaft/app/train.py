@@ -92,11 +92,14 @@ def run_training(
     started = time.perf_counter()
     dist = dist or distributed.current()
     run = RunDir(cfg.out, write=dist.is_main)
-    resume_state = open_run(run, cfg)
-    dist.barrier()  # every process checked the directory before rank 0 writes to it
-    training = _build(cfg, run, dist, resume_state, started, attention_progress)
-    training.fit(progress)
-    return training.summarize()
+    try:
+        resume_state = open_run(run, cfg)
+        dist.barrier()  # every process checked the directory before rank 0 writes to it
+        training = _build(cfg, run, dist, resume_state, started, attention_progress)
+        training.fit(progress)
+        return training.summarize()
+    finally:
+        run.release()
 
 
 # ------------------------------------------------------------------------------------------------

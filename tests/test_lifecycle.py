@@ -1,0 +1,156 @@
+"""Run lifecycle (issue 12): one writer per run folder, signals, workers that die with their
+parent, checkpoints that name what they depend on, and errors about the run folder.
+
+Everything runs on CPU with the toy CNN of ``tests/toy_models.py`` and one torch thread;
+subprocesses are killed (with their process group) when a test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from deltaft.app.tracking import LOCK_NAME, RunDir
+from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    MODEL,
+    one_thread,
+    restore_logging,
+    run_main,
+    write_images,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes: 4 train images each (4 steps of 4 per epoch), 1 val and 1 test image each."""
+    root = tmp_path_factory.mktemp("data")
+    for split, n, seed in (("train", 4, 0), ("val", 1, 1), ("test", 1, 2)):
+        write_images(root, split, n, seed)
+    return root
+
+
+def _argv(data: Path, out: Path, *extra: str, method: str = "l2", epochs: int = 2) -> list[str]:
+    return [
+        "--threads", "1", "train", "--data", str(data), "--model", MODEL, "--weights", "none",
+        "--method", method, "--out", str(out), "--image-size", "32", "--batch-size", "4",
+        "--epochs", str(epochs), "--attention-epochs", "1", "--attention-batches", "2",
+        "--workers", "0", "--device", "cpu", "--log-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("deltaft: error:")]
+
+
+@contextlib.contextmanager
+def _child(argv: list[str]) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``python -m deltaft argv`` in its own process group, its stderr lines collected by a
+    thread; the group is SIGKILLed when the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deltaft", *argv], cwd=ROOT, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        lines.extend(proc.stderr)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield proc, lines
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(5)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 1: one run folder, one writer
+# ------------------------------------------------------------------------------------------------
+def test_a_claimed_run_folder_refuses_a_second_writer(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    holder = RunDir(out)
+    holder.claim()
+    try:
+        for extra in ((), ("--resume",)):
+            code, _, err = run_main(capsys, *_argv(data, out, *extra))
+            assert code == 2, err
+            assert _errors(err) == [
+                f"deltaft: error: --out {out} is in use by another deltaft process (it holds "
+                f"{out / LOCK_NAME}); wait for it to finish or stop it, or choose another --out."
+            ]
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing written
+    finally:
+        holder.release()
+    assert not out.exists()  # the claim removed what it created and nothing else was written
+    code, _, err = run_main(capsys, *_argv(data, out))
+    assert code == 0, err
+    assert not RunDir(out).claimed and (out / "summary.json").is_file()
+
+
+def test_two_processes_on_one_folder_one_is_refused_and_a_kill_leaves_no_stale_lock(
+    data: Path, tmp_path: Path
+) -> None:
+    """Two runs started at once on one new folder: one trains, the other exits with status 2
+    and one line (before the fix both trained into the folder and both exited 0)."""
+    out = tmp_path / "run"
+    argv = _argv(data, out, epochs=10_000)
+    with _child(argv) as (one, one_lines), _child(argv) as (two, two_lines):
+        _wait_for(lambda: one.poll() is not None or two.poll() is not None, "a refusal")
+        refused, lines = (one, one_lines) if one.poll() is not None else (two, two_lines)
+        survivor = two if refused is one else one
+        _wait_for(lambda: bool(_errors("".join(lines))), "the refusal's line", timeout=10)
+        assert refused.returncode == 2, "".join(lines)[-2000:]
+        errors = _errors("".join(lines))
+        assert len(errors) == 1, "".join(lines)[-2000:]
+        assert "in use by another deltaft process" in errors[0] or "already holds" in errors[0]
+        assert "Traceback" not in "".join(lines)
+        # A resume while the survivor trains is refused too, and leaves it alone.
+        resumed = subprocess.run(
+            [sys.executable, "-m", "deltaft", *argv, "--resume"],
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+        )  # fmt: skip
+        assert resumed.returncode == 2, resumed.stderr[-2000:]
+        assert _errors(resumed.stderr) == [
+            f"deltaft: error: --out {out} is in use by another deltaft process (it holds "
+            f"{out / LOCK_NAME}); wait for it to finish or stop it, or choose another --out."
+        ]
+        assert survivor.poll() is None
+        os.killpg(survivor.pid, signal.SIGKILL)
+        survivor.wait()
+    after = RunDir(out)
+    after.claim()  # the kernel dropped the killed process's lock: nothing stuck
+    assert after.claimed
+    after.release()
+    assert (out / LOCK_NAME).is_file()  # a run folder keeps its (unlocked) lock file
