@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from torch import Tensor
 
+from deltaft.app import train
 from deltaft.app.tracking import LOCK_NAME, RunDir
+from deltaft.objective import TransferObjective
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     MODEL,
+    load_state,
     one_thread,
     restore_logging,
     run_main,
@@ -154,3 +160,97 @@ def test_two_processes_on_one_folder_one_is_refused_and_a_kill_leaves_no_stale_l
     assert after.claimed
     after.release()
     assert (out / LOCK_NAME).is_file()  # a run folder keeps its (unlocked) lock file
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 7: SIGTERM is a stop; an interrupt says only what is true
+# ------------------------------------------------------------------------------------------------
+def test_sigterm_saves_progress_and_says_how_to_continue_like_ctrl_c(
+    data: Path, tmp_path: Path
+) -> None:
+    """docker stop, Slurm and systemd send SIGTERM: before the fix the run died (status -15)
+    without saving the epoch's progress."""
+    out = tmp_path / "run"
+    argv = _argv(data, out, epochs=10_000)
+    with _child(argv) as (proc, lines):
+        _wait_for(lambda: any(" step 2/4 " in line for line in lines), "a training step")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(TIMEOUT_S)
+        _wait_for(lambda: bool(_errors("".join(lines))) or code != 130, "the last line", 10)
+    err = "".join(lines)
+    assert code == 130, err[-2000:]
+    (line,) = _errors(err)
+    # The signal lands at or after the step line: mid-epoch or just after an epoch's end.
+    assert re.match(
+        r"deltaft: error: Interrupted (at epoch \d+, step \d/4; saved|after epoch)", line
+    )
+    assert line.endswith(f"continue it with: deltaft train --out {out} --resume"), line
+    assert (out / "checkpoints" / "last.pt").is_file()
+    assert "Traceback" not in err
+
+
+def test_sigterm_in_process_stops_after_the_step_and_handlers_are_restored(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = iter(range(1, 100))
+    original = TransferObjective.forward
+
+    def terminated(self: TransferObjective, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if next(calls) == 6:  # epoch 2, step 2
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, x, y)
+
+    monkeypatch.setattr(TransferObjective, "forward", terminated)
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *_argv(data, out, epochs=3))
+    assert code == 130, err
+    assert _errors(err) == [
+        f"deltaft: error: Interrupted at epoch 2, step 2/4; saved {out}/checkpoints/last.pt; "
+        f"continue it with: deltaft train --out {out} --resume"
+    ]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    code, _, err = run_main(capsys, *_argv(data, out, epochs=3), "--resume")
+    assert code == 0, err
+    assert load_state(out / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "where"), [(False, "estimate_attention"), (True, "build_run")]
+)
+def test_ctrl_c_before_training_says_what_was_saved(
+    checkpoint: bool,
+    where: str,
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C while the attention is estimated, or while a resumed run is built: before the fix
+    the line said "continue a training run with --resume" though nothing had been saved."""
+    out = tmp_path / "run"
+    argv = _argv(data, out, method="delta", epochs=2)
+    if checkpoint:  # a run with a checkpoint, interrupted while resuming
+        code, _, err = run_main(capsys, *argv)
+        assert code == 0, err
+        argv = [*argv, "--resume"]
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train, where, interrupted)
+    code, _, err = run_main(capsys, *argv)
+    assert code == 130, err
+    if checkpoint:
+        expected = (
+            f"Interrupted; {out}/checkpoints/last.pt is unchanged; continue it with: deltaft "
+            f"train --out {out} --resume"
+        )
+    else:
+        expected = (
+            "Interrupted before the run started: nothing was saved; run the same command again."
+        )
+        assert not out.exists()  # so the same command starts again
+    assert _errors(err) == [f"deltaft: error: {expected}"]
+    torch.set_num_threads(1)

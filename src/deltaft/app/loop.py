@@ -24,7 +24,7 @@ from deltaft.app.checkpoint import Checkpointer, LoopState
 from deltaft.app.config import TrainConfig
 from deltaft.app.distributed import DistInfo
 from deltaft.app.report import BalanceWarning, epoch_line, plot_run
-from deltaft.app.signals import stop_on_sigint
+from deltaft.app.signals import stop_on_interrupt
 from deltaft.app.tracking import RunDir
 from deltaft.attention import ChannelAttention
 from deltaft.engine import (
@@ -95,14 +95,14 @@ class TrainingLoop:
         """Train the remaining epochs; validate and checkpoint after each.
 
         Raises:
-            TrainingInterrupted: Ctrl-C (see :func:`~deltaft.app.signals.stop_on_sigint`),
-                after saving ``last.pt``.
+            TrainingInterrupted: Ctrl-C or SIGTERM (see
+                :func:`~deltaft.app.signals.stop_on_interrupt`), after saving ``last.pt``.
             NonFiniteLossError: with the epoch ``last.pt`` keeps added to the message.
         """
-        with stop_on_sigint(not self.dist.enabled) as stop:
+        with stop_on_interrupt(not self.dist.enabled) as stop:
             trainer = distributed.wrap(self.objective, self.dist, self.built.device)
             while self.loop.epoch < self.epochs:
-                if stop():  # Ctrl-C while validating or saving: last.pt is this epoch's
+                if stop():  # a stop while validating or saving: last.pt is this epoch's
                     raise TrainingInterrupted(
                         f"Interrupted after epoch {self.loop.epoch}; "
                         f"{self.run.checkpoint_path()} holds it; {self._resume_hint()}"

@@ -31,7 +31,7 @@ from deltaft.app.loop import Loaders, TrainingLoop
 from deltaft.app.report import BalanceWarning
 from deltaft.app.tracking import RunDir
 from deltaft.attention import ChannelAttention, model_fingerprint
-from deltaft.engine import Amp, ProgressFn
+from deltaft.engine import Amp, ProgressFn, TrainingInterrupted
 from deltaft.objective import TransferObjective
 from deltaft.source import FrozenSource
 
@@ -66,7 +66,14 @@ def run_training(
     uninterrupted run: each epoch reseeds the RNGs and the data order from ``(seed, epoch)``.
     On a single process, a first Ctrl-C stops training after the current step and saves
     ``last.pt`` with the epoch's progress (a second Ctrl-C stops at once); resuming replays the
-    epoch's data order up to that step and continues it, again to the same result.
+    epoch's data order up to that step and continues it, again to the same result. SIGTERM and
+    SIGHUP do the same under :func:`~deltaft.app.signals.terminate_as_interrupt` (the command
+    line). An interrupt before training or a second one raises ``TrainingInterrupted`` saying
+    what was kept.
+
+    One process writes a run directory: ``cfg.out`` is claimed (created, and locked for the
+    run's life, see :meth:`~deltaft.app.tracking.RunDir.claim`) before anything else is read or
+    built; another process on the same directory is refused.
 
     Args:
         cfg: the run's settings.
@@ -87,7 +94,8 @@ def run_training(
             other settings or weights, device.
         ValueError: invalid data, model or layers.
         NonFiniteLossError: the loss diverged; ``last.pt`` keeps the last finished epoch.
-        TrainingInterrupted: Ctrl-C; the message says what was saved and how to resume.
+        TrainingInterrupted: Ctrl-C (or SIGTERM, see above); the message says what was saved
+            and how to go on.
     """
     started = time.perf_counter()
     dist = dist or distributed.current()
@@ -98,8 +106,28 @@ def run_training(
         training = _build(cfg, run, dist, resume_state, started, attention_progress)
         training.fit(progress)
         return training.summarize()
+    except TrainingInterrupted:
+        raise  # it says what was saved
+    except KeyboardInterrupt:  # while building or estimating, or a second Ctrl-C
+        raise TrainingInterrupted(_interrupted(run)) from None
     finally:
         run.release()
+
+
+def _interrupted(run: RunDir) -> str:
+    """What an interrupt outside a clean stop leaves, and the command that goes on from there."""
+    last = run.checkpoint_path()
+    if last.is_file():
+        return (
+            f"Interrupted; {last} is unchanged; continue it with: deltaft train --out "
+            f"{run.path} --resume"
+        )
+    if run.config_path.is_file():
+        return (
+            f"Interrupted before the first checkpoint: no training was saved; start it again "
+            f"with: deltaft train --out {run.path} --resume"
+        )
+    return "Interrupted before the run started: nothing was saved; run the same command again."
 
 
 # ------------------------------------------------------------------------------------------------
