@@ -254,3 +254,67 @@ def test_ctrl_c_before_training_says_what_was_saved(
         assert not out.exists()  # so the same command starts again
     assert _errors(err) == [f"deltaft: error: {expected}"]
     torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 2: compare --jobs workers die with their parent
+# ------------------------------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_compare_jobs_die_with_their_parent(sig: int, data: Path, tmp_path: Path) -> None:
+    """Before the fix the jobs went on training after their parent was killed or terminated,
+    and a rerun trained the same folders twice at once."""
+    out = tmp_path / "cmp"
+    argv = [
+        "--threads", "2", "compare", "--data", str(data), "--model", MODEL, "--weights",
+        "none", "--methods", "l2,l2sp", "--seeds", "1", "--jobs", "2", "--out", str(out),
+        "--image-size", "32", "--batch-size", "4", "--epochs", "10000", "--workers", "0",
+        "--device", "cpu",
+    ]  # fmt: skip
+    jobs: list[int] = []
+    with _child(argv) as (parent, lines):
+        runs = [out / name / "checkpoints" / "last.pt" for name in ("l2-seed0", "l2sp-seed0")]
+        _wait_for(lambda: all(run.is_file() for run in runs), "both jobs training")
+        jobs = [pid for pid in _children(parent.pid) if "spawn_main" in _cmdline(pid)]
+        assert len(jobs) == 2, [_cmdline(pid) for pid in _children(parent.pid)]
+        try:
+            parent.send_signal(sig)
+            code = parent.wait(TIMEOUT_S)
+            _wait_for(lambda: not any(_alive(pid) for pid in jobs), "the jobs to end", 20)
+        finally:
+            for pid in jobs:  # only the processes this test found
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert code == 130, "".join(lines)[-2000:]
+        assert _errors("".join(lines)) == [
+            "deltaft: error: interrupted; the finished runs are kept, and the same command "
+            "continues the others from their last finished epoch."
+        ]
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    return ""
