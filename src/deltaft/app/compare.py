@@ -220,14 +220,15 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, name="deltaft-parent-watch", daemon=True).start()
 
 
-def _job_init(threads: int, level: int, queue: Any, parent: int) -> None:
-    """A compare job's process: it dies with ``parent``, has its torch threads, sends its log
-    records to the parent through ``queue``, and leaves Ctrl-C to the parent."""
+def _job_init(threads: int, level: int, queue: Any, parent: int | None = None) -> None:
+    """A compare job's process: it dies with ``parent`` (default: the process that started
+    it), has its torch threads, sends its log records to the parent through ``queue``, and
+    leaves Ctrl-C to the parent."""
     import signal
 
     import torch
 
-    _die_with(parent)
+    _die_with(os.getppid() if parent is None else parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     package = logging.getLogger("deltaft")
