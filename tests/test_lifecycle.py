@@ -8,8 +8,11 @@ subprocesses are killed (with their process group) when a test ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +28,8 @@ from torch import Tensor
 
 from deltaft.app import train
 from deltaft.app.tracking import LOCK_NAME, RunDir
+from deltaft.attention import ChannelAttention
+from deltaft.cli import main
 from deltaft.objective import TransferObjective
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     MODEL,
@@ -318,3 +324,166 @@ def _cmdline(pid: int) -> str:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     return ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Classes 6 and 10: checkpoints name what they depend on, and hold what they must
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def delta_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch DELTA run, copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("delta") / "run"
+    code = main(_argv(data, out, method="delta"))
+    assert code == 0
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()  # as if interrupted after its last checkpoint
+    return copy
+
+
+def _resume(capsys: pytest.CaptureFixture[str], data: Path, out: Path) -> tuple[int, str]:
+    code, _, err = run_main(capsys, *_argv(data, out, method="delta"), "--resume")
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_checkpoints_record_the_attention_file(delta_run: Path) -> None:
+    digest = hashlib.sha256((delta_run / "attention.safetensors").read_bytes()).hexdigest()
+    for name in ("last", "best"):
+        assert load_state(delta_run / "checkpoints" / f"{name}.pt")["attention_sha256"] == digest
+
+
+@pytest.mark.parametrize("change", ["another", "deleted"])
+def test_resume_with_another_or_no_attention_file_is_refused(
+    change: str, delta_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the fix a resume used another valid attention file (or estimated a new one)
+    silently and reported the mixed run's numbers."""
+    out = _copy(delta_run, tmp_path)
+    path = out / "attention.safetensors"
+    if change == "another":
+        attention = ChannelAttention.load(path)
+        weights = {k: w.flip(0) / w.sum() for k, w in attention.weights.items()}  # still valid
+        dataclasses.replace(attention, weights=weights).save(path)
+        expected = f"{path} is not the attention file {out}/checkpoints/last.pt was trained with"
+    else:
+        path.unlink()
+        expected = f"{path}, the attention {out}/checkpoints/last.pt was trained with, is missing"
+    code, err = _resume(capsys, data, out)
+    assert code == 2, err
+    (line,) = _errors(err)
+    assert line.startswith(f"deltaft: error: {expected}"), line
+    assert not (out / "summary.json").exists()
+
+
+def test_resume_without_best_pt_is_refused_not_reported(
+    delta_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the fix the summary reported the last epoch's test accuracy as the best's."""
+    out = _copy(delta_run, tmp_path)
+    best_epoch = load_state(out / "checkpoints" / "last.pt")["best"]["epoch"]
+    (out / "checkpoints" / "best.pt").unlink()
+    code, err = _resume(capsys, data, out)
+    assert code == 2, err
+    assert _errors(err) == [
+        f"deltaft: error: {out}/checkpoints/best.pt (the weights of epoch {best_epoch}, the best "
+        "by validation accuracy) is missing; restore it, or start a new run in another folder."
+    ]
+
+
+def test_a_best_pt_of_another_epoch_is_refused(
+    delta_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _copy(delta_run, tmp_path)
+    best = out / "checkpoints" / "best.pt"
+    state = load_state(best)
+    torch.save({**state, "epoch": state["epoch"] + 7}, best)
+    code, err = _resume(capsys, data, out)
+    assert code == 2, err
+    (line,) = _errors(err)
+    assert f"{best} is not this run's best epoch (it holds epoch {state['epoch'] + 7}" in line
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state.pop(key)
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        (_drop("rng"), "its 'rng' is missing, expected a dict"),
+        (_drop("optimizer"), "its 'optimizer' is missing, expected a dict"),
+        (_drop("config"), "its 'config' is missing, expected a dict"),
+        (_set("epoch", -1), "its 'epoch' is -1, expected an integer >= 0"),
+        (_set("epoch", 9), "epoch 9 is after the run's last epoch 2"),
+        (_set("global_step", "7"), "its 'global_step' is '7', expected an integer >= 0"),
+        (lambda s: s["rng"].pop("numpy"), "its RNG state lacks numpy"),
+        (_set("best", {"epoch": 5, "val_accuracy": 0.5}), "its best epoch 5 is not one of"),
+        (_set("partial", {"epoch": 1, "step": 2}), "its interrupted epoch"),
+        (_set("metrics", []), "it holds 0 metrics rows for 2 epoch(s)"),
+        (
+            _set("model", {"conv.weight": torch.zeros(3, 3)}),
+            "does not fit the model and optimizer this run builds",
+        ),
+    ],
+)
+def test_a_checkpoint_lacking_fields_or_with_impossible_values_is_refused(
+    tamper: Callable[[dict[str, Any]], None],
+    expected: str,
+    delta_run: Path,
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before the fix these were a KeyError, a RuntimeError traceback, or a run that went on."""
+    out = _copy(delta_run, tmp_path)
+    last = out / "checkpoints" / "last.pt"
+    state = load_state(last)
+    tamper(state)
+    torch.save(state, last)
+    code, err = _resume(capsys, data, out)
+    assert code == 2, err
+    (line,) = _errors(err)
+    assert line.startswith(f"deltaft: error: {last}"), line
+    assert expected in line, line
+
+
+# ------------------------------------------------------------------------------------------------
+# Classes 12 and 13: the run folder is checked before any work
+# ------------------------------------------------------------------------------------------------
+def test_an_out_that_cannot_be_created_is_refused_before_building(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the fix the model, data and attention were built, then the first write failed."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker / "run"
+    code, _, err = run_main(capsys, *_argv(data, out, method="delta"))
+    assert code == 2, err
+    assert _errors(err) == [
+        f"deltaft: error: --out {out} cannot be written (Not a directory); choose a folder you "
+        "can write to."
+    ]
+    assert "Built" not in err  # nothing was built
+
+
+def test_a_dangling_symlink_out_is_one_line(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "link"
+    out.symlink_to(tmp_path / "gone")
+    code, _, err = run_main(capsys, *_argv(data, out))
+    assert code == 2, err
+    assert _errors(err) == [
+        f"deltaft: error: --out {out} is a symbolic link to {tmp_path / 'gone'}, which does not "
+        "exist; create its target or choose another --out."
+    ]
+    assert "Built" not in err

@@ -176,8 +176,11 @@ class TrainingLoop:
     def _best_test_accuracy(self, last: float | None) -> float | None:
         """Test accuracy of the ``best.pt`` weights (``last``'s when the last epoch is best)."""
         path = self.run.checkpoint_path("best")
-        if last is None or self.loop.best.epoch == self.loop.epoch or not path.is_file():
+        if last is None or self.loop.best.epoch == self.loop.epoch:
             return last
+        if not path.is_file():  # removed while the run trained: no number rather than last's
+            logger.warning("%s is missing: the best epoch's test accuracy is not known.", path)
+            return None
         # Every process can read best.pt: rank 0 wrote it before the last epoch's collectives.
         best_model = copy.deepcopy(self.objective.model)
         best_model.load_state_dict(self.run.load_checkpoint("best")["model"])

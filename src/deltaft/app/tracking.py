@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "LOCK_NAME",
     "RunDir",
+    "file_sha256",
     "load_checkpoint",
     "remove_stale_temporaries",
     "save_checkpoint",
@@ -62,6 +64,15 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return stale
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_text(path: Path, text: str) -> Path:

@@ -29,7 +29,7 @@ from deltaft.app.distributed import DistInfo, ShardSampler
 from deltaft.app.errors import SettingError
 from deltaft.app.loop import Loaders, TrainingLoop
 from deltaft.app.report import BalanceWarning
-from deltaft.app.tracking import RunDir
+from deltaft.app.tracking import RunDir, file_sha256
 from deltaft.attention import ChannelAttention, model_fingerprint
 from deltaft.engine import Amp, ProgressFn, TrainingInterrupted
 from deltaft.objective import TransferObjective
@@ -162,7 +162,8 @@ def _attention(
 ) -> ChannelAttention:
     """The run's attention: the run's own file on resume, ``cfg.attention``, or estimated on
     rank 0 and broadcast to the other processes."""
-    if resume_state is not None and run.attention_path.is_file():
+    if resume_state is not None:
+        _check_attention_file(run, resume_state)
         stored = resume_state.get("layers") or None
         return load_attention(run.attention_path, built.source, stored, setting="resume")
     if cfg.attention:
@@ -175,6 +176,28 @@ def _attention(
             cfg, built.source, train, layers, classes, built.head, built.device, progress=progress
         )
     return dist.broadcast_object(estimated)
+
+
+def _check_attention_file(run: RunDir, resume_state: Mapping[str, Any]) -> None:
+    """Refuse to resume with another attention file than the one the checkpoint was trained
+    with (its sha256 is in every checkpoint): the loss would change silently mid-run."""
+    stored = resume_state.get("attention_sha256")
+    last = run.checkpoint_path()
+    if not isinstance(stored, str):
+        raise SettingError(
+            f"{last} does not record the attention file it was trained with; continue it with "
+            "the deltaft version that wrote it, or start a new {out}."
+        )
+    if not run.attention_path.is_file():
+        raise SettingError(
+            f"{run.attention_path}, the attention {last} was trained with, is missing; restore "
+            "it to {resume}, or start a new {out}."
+        )
+    if file_sha256(run.attention_path) != stored:
+        raise SettingError(
+            f"{run.attention_path} is not the attention file {last} was trained with (another "
+            "sha256); restore the run's own file to {resume}, or start a new {out}."
+        )
 
 
 def _objective(
@@ -325,9 +348,11 @@ def _build(
         started=started,
     )
     loop = checkpointer.begin(cfg, resume_state)
-    fresh = resume_state is None or not run.attention_path.is_file()
-    if attention is not None and dist.is_main and fresh:
-        attention.save(run.attention_path)
+    if attention is not None and dist.is_main:
+        if resume_state is None:
+            attention.save(run.attention_path)
+        # Every checkpoint names the attention file it depends on (checked on resume).
+        checkpointer.meta["attention_sha256"] = file_sha256(run.attention_path)
     return TrainingLoop(
         cfg=cfg,
         run=run,
