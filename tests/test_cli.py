@@ -180,9 +180,11 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(
 
     monkeypatch.setattr(ProgressPrinter, "__call__", interrupt)
     code, _, err = run_main(capsys, *_train_args(folder, out, "--method", "delta"))
-    assert code == 130 and err.strip().splitlines()[-1].endswith(
-        "continue a training run with --resume."
+    assert err.strip().splitlines()[-1] == (
+        f"deltaft: error: Interrupted; {out}/checkpoints/last.pt is unchanged; continue it with: "
+        f"deltaft train --out {out} --resume"
     )
+    assert code == 130
     assert [r["epoch"] for r in _metrics(out)] == [1]
     assert load_state(out / "checkpoints" / "last.pt")["epoch"] == 1
     monkeypatch.setattr(ProgressPrinter, "__call__", original)

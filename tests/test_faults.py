@@ -373,7 +373,8 @@ def test_second_ctrl_c_stops_at_once(
     code, _, err = run_main(capsys, *_train_argv(data, out, "--workers", "0", "--method", "l2"))
     assert code == 130
     assert _error_lines(err) == [
-        "deltaft: error: interrupted; continue a training run with --resume."
+        "deltaft: error: Interrupted before the first checkpoint: no training was saved; start "
+        f"it again with: deltaft train --out {out} --resume"
     ]
     assert not (out / "checkpoints" / "last.pt").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

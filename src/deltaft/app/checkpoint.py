@@ -20,13 +20,15 @@ import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from deltaft.app.config import TrainConfig
+from deltaft._utils import first_line
+from deltaft.app.config import RUNTIME_KEYS, TrainConfig
 from deltaft.app.errors import SettingError
 from deltaft.app.tracking import RunDir
 from deltaft.engine import EpochState
@@ -36,6 +38,8 @@ __all__ = [
     "Checkpointer",
     "LoopState",
     "capture_rng_state",
+    "check_best",
+    "check_resume_state",
     "open_run",
     "restore_rng_state",
 ]
@@ -121,22 +125,124 @@ class LoopState:
 
 
 # ------------------------------------------------------------------------------------------------
+# What a checkpoint to resume from must hold
+# ------------------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_resume_state(state: Mapping[str, Any], path: Path) -> None:
+    """Refuse a ``last.pt`` that lacks a field or holds an impossible value, before any of it
+    is used: a tampered, truncated-by-hand or foreign checkpoint is one clear line, never a
+    ``KeyError`` in the middle of restoring it.
+
+    Raises:
+        ValueError: the first problem found, naming the field and ``path``.
+    """
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(
+            f"{path} cannot be resumed: {what}. Restore the run's own checkpoint, or start a "
+            "new run in another folder."
+        )
+
+    kinds = {
+        "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
+        "best": dict, "metrics": list, "model_fingerprint": str,
+    }  # fmt: skip
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind):
+            got = "missing" if key not in state else type(state[key]).__name__
+            raise refuse(f"its {key!r} is {got}, expected a {kind.__name__}")
+    for key in ("epoch", "epochs", "global_step"):
+        if not _is_int(state.get(key)) or state[key] < 0:
+            raise refuse(f"its {key!r} is {state.get(key)!r}, expected an integer >= 0")
+    epoch = state["epoch"]
+    if epoch > state["epochs"]:
+        raise refuse(f"epoch {epoch} is after the run's last epoch {state['epochs']}")
+    if len(state["metrics"]) != epoch:
+        raise refuse(f"it holds {len(state['metrics'])} metrics rows for {epoch} epoch(s)")
+    missing = [key for key in ("python", "numpy", "torch") if key not in state["rng"]]
+    if missing:
+        raise refuse(f"its RNG state lacks {', '.join(missing)}")
+    best = state["best"]
+    if not (_is_int(best.get("epoch")) and 0 <= best["epoch"] <= epoch):
+        raise refuse(f"its best epoch {best.get('epoch')!r} is not one of epochs 0..{epoch}")
+    partial = state.get("partial")
+    if partial is not None and not (
+        isinstance(partial, dict)
+        and partial.get("epoch") == epoch + 1
+        and _is_int(partial.get("step"))
+        and partial["step"] >= 0
+    ):
+        raise refuse(f"its interrupted epoch {partial!r:.80} does not follow epoch {epoch}")
+
+
+def _settings(config: Any) -> dict[str, Any] | None:
+    """A stored configuration without the runtime settings (a resume may change those)."""
+    if not isinstance(config, dict):
+        return None
+    return {key: value for key, value in config.items() if key not in RUNTIME_KEYS}
+
+
+def check_best(run: RunDir, last: Mapping[str, Any], best: Best) -> None:
+    """Refuse a resume whose ``best.pt`` is missing or is not the best epoch ``last.pt``
+    records (same run, same epoch, or the next one when the run stopped between writing
+    ``best.pt`` and ``last.pt``): the summary would report another model's test accuracy as
+    the best's.
+
+    Raises:
+        ValueError: naming ``best.pt`` and what is wrong with it.
+    """
+    if best.epoch == 0:  # no epoch finished yet: no best.pt to expect
+        return
+    path = run.checkpoint_path("best")
+    if not path.is_file():
+        raise ValueError(
+            f"{path} (the weights of epoch {best.epoch}, the best by validation accuracy) is "
+            "missing; restore it, or start a new run in another folder."
+        )
+    state = run.load_checkpoint("best")
+    # best.pt is written before last.pt: a run stopped between the two has a best.pt of the
+    # epoch after last.pt's, which the resumed run trains again (to the same weights).
+    epochs = (best.epoch, int(last["epoch"]) + 1)
+    same = (
+        state.get("epoch") in epochs
+        and state.get("model_fingerprint") == last["model_fingerprint"]
+        and _settings(state.get("config")) == _settings(last["config"])
+        and isinstance(state.get("model"), dict)
+    )
+    if not same:
+        raise ValueError(
+            f"{path} is not this run's best epoch (it holds epoch {state.get('epoch')!r}, "
+            f"{run.checkpoint_path()} names epoch {best.epoch}); restore the run's own best.pt, "
+            "or start a new run in another folder."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
 # Opening a run directory
 # ------------------------------------------------------------------------------------------------
 def open_run(run: RunDir, cfg: TrainConfig) -> dict[str, Any] | None:
-    """Check that the run directory may be used; the checkpoint to resume from, if any.
+    """Claim the run directory (:meth:`RunDir.claim`: one writer per directory) and check that
+    it may be used; the checkpoint to resume from, if any. The caller calls ``run.release()``.
 
     Raises:
-        SettingError: a new run where one exists, or a resume with changed settings.
+        SettingError: a new run where one exists, a directory that another process holds or
+            that cannot be written, or a resume with changed settings.
     """
     if not cfg.resume:
-        run.check_new()
+        run.check_new()  # before the claim: a refused directory is left untouched
+        run.claim()
+        run.check_new()  # again: another process may have written it meanwhile
         return None
+    run.claim()  # before anything is read: another writer may be mid-write
     run.remove_stale_temporaries()
     last = run.checkpoint_path("last")
     if last.is_file():
         state = run.load_checkpoint("last")
-        changed = cfg.differences(state.get("config", {}))
+        check_resume_state(state, last)
+        changed = cfg.differences(state["config"])
         if changed:
             listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise SettingError(
@@ -201,18 +307,29 @@ class Checkpointer:
         return loop
 
     def _restore(self, state: Mapping[str, Any]) -> LoopState:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
+        """Load ``state`` (checked by :func:`check_resume_state`) into the training objects."""
+        path = self.run.checkpoint_path()
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            restore_rng_state(state["rng"])
+            best = Best(**state["best"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise ValueError(
+                f"{path} does not fit the model and optimizer this run builds "
+                f"({first_line(error)[:200]}); restore the run's own checkpoint, or start a new "
+                "run in another folder."
+            ) from None
+        check_best(self.run, state, best)
         partial = state.get("partial")
         return LoopState(
             epoch=int(state["epoch"]),
             global_step=int(state["global_step"]),
-            history=list(state.get("metrics", [])),
-            best=Best(**state.get("best", {})),
+            history=list(state["metrics"]),
+            best=best,
             seconds_before=float(state.get("seconds", 0.0)),
             partial=None if partial is None else {**partial, "rng": state["rng"]},
         )

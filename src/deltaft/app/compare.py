@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import logging.handlers
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,13 +192,43 @@ class _ToLogger(logging.Handler):
         logging.getLogger(record.name).handle(record)
 
 
-def _job_init(threads: int, level: int, queue: Any) -> None:
-    """A compare job's process: its torch threads, its log records sent to the parent through
-    ``queue``, Ctrl-C left to the parent."""
+def _die_with(parent: int) -> None:
+    """End this process when process ``parent`` ends, however it ends (SIGKILL included), so
+    that no job goes on training a folder that a rerun of the comparison trains again.
+
+    On Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``); everywhere
+    a daemon thread checks every half second that the parent is still this process's parent.
+    """
+    import ctypes
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1  # from <linux/prctl.h>
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)  # the parent is gone: nobody collects this job's result
+
+    if os.getppid() != parent:  # died before the prctl call
+        os._exit(1)
+    threading.Thread(target=watch, name="deltaft-parent-watch", daemon=True).start()
+
+
+def _job_init(threads: int, level: int, queue: Any, parent: int | None = None) -> None:
+    """A compare job's process: it dies with ``parent`` (default: the process that started
+    it), has its torch threads, sends its log records to the parent through ``queue``, and
+    leaves Ctrl-C to the parent."""
     import signal
 
     import torch
 
+    _die_with(os.getppid() if parent is None else parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     package = logging.getLogger("deltaft")
@@ -232,7 +263,7 @@ def _train_in_jobs(
     listener = logging.handlers.QueueListener(queue, _ToLogger())
     listener.start()
     pool = context.Pool(
-        min(jobs, len(todo)), initializer=_job_init, initargs=(threads, level, queue)
+        min(jobs, len(todo)), initializer=_job_init, initargs=(threads, level, queue, os.getpid())
     )
     try:
         jobs_in_order = [(index, cfg) for index, (_, _, cfg) in enumerate(todo)]
@@ -296,7 +327,9 @@ def run_compare(
             cores do not fight over them. A run gives the same result in a job as in-process
             with that thread count. Each finished run is logged in one line; warnings still
             show (each job sends its log records to this process's ``deltaft`` loggers).
-            Ctrl-C stops every job; the next call continues the unfinished runs.
+            Ctrl-C (SIGTERM and SIGHUP on the command line) stops every job, and so does
+            this process's death (SIGKILL included): no job outlives it. The next call
+            continues the unfinished runs.
 
     Returns:
         A :class:`CompareResult`; ``result.table_markdown()`` is the table.

@@ -24,7 +24,7 @@ from deltaft.app.checkpoint import Checkpointer, LoopState
 from deltaft.app.config import TrainConfig
 from deltaft.app.distributed import DistInfo
 from deltaft.app.report import BalanceWarning, epoch_line, plot_run
-from deltaft.app.signals import stop_on_sigint
+from deltaft.app.signals import stop_on_interrupt
 from deltaft.app.tracking import RunDir
 from deltaft.attention import ChannelAttention
 from deltaft.engine import (
@@ -95,14 +95,14 @@ class TrainingLoop:
         """Train the remaining epochs; validate and checkpoint after each.
 
         Raises:
-            TrainingInterrupted: Ctrl-C (see :func:`~deltaft.app.signals.stop_on_sigint`),
-                after saving ``last.pt``.
+            TrainingInterrupted: Ctrl-C or SIGTERM (see
+                :func:`~deltaft.app.signals.stop_on_interrupt`), after saving ``last.pt``.
             NonFiniteLossError: with the epoch ``last.pt`` keeps added to the message.
         """
-        with stop_on_sigint(not self.dist.enabled) as stop:
+        with stop_on_interrupt(not self.dist.enabled) as stop:
             trainer = distributed.wrap(self.objective, self.dist, self.built.device)
             while self.loop.epoch < self.epochs:
-                if stop():  # Ctrl-C while validating or saving: last.pt is this epoch's
+                if stop():  # a stop while validating or saving: last.pt is this epoch's
                     raise TrainingInterrupted(
                         f"Interrupted after epoch {self.loop.epoch}; "
                         f"{self.run.checkpoint_path()} holds it; {self._resume_hint()}"
@@ -176,8 +176,11 @@ class TrainingLoop:
     def _best_test_accuracy(self, last: float | None) -> float | None:
         """Test accuracy of the ``best.pt`` weights (``last``'s when the last epoch is best)."""
         path = self.run.checkpoint_path("best")
-        if last is None or self.loop.best.epoch == self.loop.epoch or not path.is_file():
+        if last is None or self.loop.best.epoch == self.loop.epoch:
             return last
+        if not path.is_file():  # removed while the run trained: no number rather than last's
+            logger.warning("%s is missing: the best epoch's test accuracy is not known.", path)
+            return None
         # Every process can read best.pt: rank 0 wrote it before the last epoch's collectives.
         best_model = copy.deepcopy(self.objective.model)
         best_model.load_state_dict(self.run.load_checkpoint("best")["model"])

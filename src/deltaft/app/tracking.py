@@ -8,6 +8,7 @@ Layout of ``RUN_DIR``::
     checkpoints/last.pt       full training state, replaced atomically after every epoch
     checkpoints/best.pt       model weights of the best epoch by validation accuracy
     summary.json              final numbers, written at the end
+    .deltaft.lock             held (``flock``) by the one process that writes the run
     curves.png attention.png  figures (with matplotlib)
 
 Every file is written to a temporary file in the same directory, flushed, fsync'ed and renamed
@@ -19,9 +20,12 @@ of one. Checkpoints hold only tensors and plain Python values: they load with
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,9 @@ from deltaft.app.errors import SettingError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "LOCK_NAME",
     "RunDir",
+    "file_sha256",
     "load_checkpoint",
     "remove_stale_temporaries",
     "save_checkpoint",
@@ -44,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "deltaft.checkpoint/1"
 _RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+LOCK_NAME = ".deltaft.lock"
+
+if sys.platform != "win32":
+    import fcntl
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
@@ -54,6 +64,15 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return stale
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -107,6 +126,85 @@ class RunDir:
     def __init__(self, path: str | os.PathLike[str], *, write: bool = True) -> None:
         self.path = Path(path)
         self.write = write
+        self._lock: int | None = None  # the descriptor holding the lock file's flock
+        self._created = False  # whether claim() created the directory
+
+    # -- one writer per directory ---------------------------------------------------------------
+    def claim(self) -> None:
+        """Make this process the run directory's one writer, until :meth:`release`.
+
+        Creates the directory (which also checks that it can be written) and takes an
+        exclusive ``flock`` on ``.deltaft.lock`` in it. The kernel drops the lock when the
+        process ends, however it ends, so a crashed run leaves nothing stuck. A no-op with
+        ``write=False`` and on Windows (no ``flock``).
+
+        Raises:
+            SettingError: the path is a dangling symbolic link or a file, cannot be created or
+                written, or another process holds the run.
+        """
+        if not self.write or self._lock is not None or sys.platform == "win32":
+            return
+        if self.path.is_symlink() and not self.path.exists():
+            raise SettingError(
+                f"{{out}} {self.path} is a symbolic link to {os.readlink(self.path)}, which does "
+                "not exist; create its target or choose another {out}."
+            )
+        if self.path.exists() and not self.path.is_dir():
+            raise SettingError(f"{{out}} {self.path} is a file; choose a directory for the run.")
+        try:
+            self._created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = self._lock_file()
+        except OSError as error:
+            raise SettingError(
+                f"{{out}} {self.path} cannot be written ({error.strerror or error}); choose a "
+                "folder you can write to."
+            ) from None
+        if self._lock is None:
+            raise SettingError(
+                f"{{out}} {self.path} is in use by another deltaft process (it holds "
+                f"{self.path / LOCK_NAME}); wait for it to finish or stop it, or choose another "
+                "{out}."
+            )
+
+    def _lock_file(self) -> int | None:
+        """A descriptor of the lock file with an exclusive flock; ``None``: held elsewhere."""
+        path = self.path / LOCK_NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                os.close(fd)
+                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return None
+                raise
+            # release() may have unlinked the file we locked: then lock the new one.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def release(self) -> None:
+        """Give up the claim of :meth:`claim`; a directory it created that holds nothing but
+        the lock file (the run stopped before writing anything) is removed."""
+        if self._lock is None:
+            return
+        fd, self._lock = self._lock, None
+        try:
+            if self._created and [p.name for p in self.path.iterdir()] == [LOCK_NAME]:
+                with contextlib.suppress(OSError):
+                    (self.path / LOCK_NAME).unlink()  # before the unlock: see _lock_file
+                    self.path.rmdir()
+        finally:
+            os.close(fd)  # drops the flock
+
+    @property
+    def claimed(self) -> bool:
+        """Whether this object holds the directory's lock."""
+        return self._lock is not None
 
     # -- paths ----------------------------------------------------------------------------------
     @property
@@ -138,6 +236,12 @@ class RunDir:
         """Whether the directory already holds (part of) a deltaft run."""
         return any((self.path / name).exists() for name in _RUN_FILES)
 
+    def _contents(self) -> list[Path]:
+        """The directory's entries, the lock file aside."""
+        if not self.path.is_dir():
+            return []
+        return [path for path in self.path.iterdir() if path.name != LOCK_NAME]
+
     def check_new(self) -> None:
         """Refuse to start a fresh run where it could overwrite anything.
 
@@ -151,7 +255,7 @@ class RunDir:
                 f"{{out}} {self.path} already holds a run; use {{resume}} to continue it or "
                 "choose a new {out}."
             )
-        if self.path.is_dir() and any(self.path.iterdir()):
+        if self._contents():
             raise SettingError(
                 f"{{out}} {self.path} is a non-empty directory; choose a new or empty {{out}}."
             )

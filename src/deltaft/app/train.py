@@ -29,9 +29,9 @@ from deltaft.app.distributed import DistInfo, ShardSampler
 from deltaft.app.errors import SettingError
 from deltaft.app.loop import Loaders, TrainingLoop
 from deltaft.app.report import BalanceWarning
-from deltaft.app.tracking import RunDir
+from deltaft.app.tracking import RunDir, file_sha256
 from deltaft.attention import ChannelAttention, model_fingerprint
-from deltaft.engine import Amp, ProgressFn
+from deltaft.engine import Amp, ProgressFn, TrainingInterrupted
 from deltaft.objective import TransferObjective
 from deltaft.source import FrozenSource
 
@@ -66,7 +66,14 @@ def run_training(
     uninterrupted run: each epoch reseeds the RNGs and the data order from ``(seed, epoch)``.
     On a single process, a first Ctrl-C stops training after the current step and saves
     ``last.pt`` with the epoch's progress (a second Ctrl-C stops at once); resuming replays the
-    epoch's data order up to that step and continues it, again to the same result.
+    epoch's data order up to that step and continues it, again to the same result. SIGTERM and
+    SIGHUP do the same under :func:`~deltaft.app.signals.terminate_as_interrupt` (the command
+    line). An interrupt before training or a second one raises ``TrainingInterrupted`` saying
+    what was kept.
+
+    One process writes a run directory: ``cfg.out`` is claimed (created, and locked for the
+    run's life, see :meth:`~deltaft.app.tracking.RunDir.claim`) before anything else is read or
+    built; another process on the same directory is refused.
 
     Args:
         cfg: the run's settings.
@@ -87,16 +94,40 @@ def run_training(
             other settings or weights, device.
         ValueError: invalid data, model or layers.
         NonFiniteLossError: the loss diverged; ``last.pt`` keeps the last finished epoch.
-        TrainingInterrupted: Ctrl-C; the message says what was saved and how to resume.
+        TrainingInterrupted: Ctrl-C (or SIGTERM, see above); the message says what was saved
+            and how to go on.
     """
     started = time.perf_counter()
     dist = dist or distributed.current()
     run = RunDir(cfg.out, write=dist.is_main)
-    resume_state = open_run(run, cfg)
-    dist.barrier()  # every process checked the directory before rank 0 writes to it
-    training = _build(cfg, run, dist, resume_state, started, attention_progress)
-    training.fit(progress)
-    return training.summarize()
+    try:
+        resume_state = open_run(run, cfg)
+        dist.barrier()  # every process checked the directory before rank 0 writes to it
+        training = _build(cfg, run, dist, resume_state, started, attention_progress)
+        training.fit(progress)
+        return training.summarize()
+    except TrainingInterrupted:
+        raise  # it says what was saved
+    except KeyboardInterrupt:  # while building or estimating, or a second Ctrl-C
+        raise TrainingInterrupted(_interrupted(run)) from None
+    finally:
+        run.release()
+
+
+def _interrupted(run: RunDir) -> str:
+    """What an interrupt outside a clean stop leaves, and the command that goes on from there."""
+    last = run.checkpoint_path()
+    if last.is_file():
+        return (
+            f"Interrupted; {last} is unchanged; continue it with: deltaft train --out "
+            f"{run.path} --resume"
+        )
+    if run.config_path.is_file():
+        return (
+            f"Interrupted before the first checkpoint: no training was saved; start it again "
+            f"with: deltaft train --out {run.path} --resume"
+        )
+    return "Interrupted before the run started: nothing was saved; run the same command again."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +162,8 @@ def _attention(
 ) -> ChannelAttention:
     """The run's attention: the run's own file on resume, ``cfg.attention``, or estimated on
     rank 0 and broadcast to the other processes."""
-    if resume_state is not None and run.attention_path.is_file():
+    if resume_state is not None:
+        _check_attention_file(run, resume_state)
         stored = resume_state.get("layers") or None
         return load_attention(run.attention_path, built.source, stored, setting="resume")
     if cfg.attention:
@@ -144,6 +176,28 @@ def _attention(
             cfg, built.source, train, layers, classes, built.head, built.device, progress=progress
         )
     return dist.broadcast_object(estimated)
+
+
+def _check_attention_file(run: RunDir, resume_state: Mapping[str, Any]) -> None:
+    """Refuse to resume with another attention file than the one the checkpoint was trained
+    with (its sha256 is in every checkpoint): the loss would change silently mid-run."""
+    stored = resume_state.get("attention_sha256")
+    last = run.checkpoint_path()
+    if not isinstance(stored, str):
+        raise SettingError(
+            f"{last} does not record the attention file it was trained with; continue it with "
+            "the deltaft version that wrote it, or start a new {out}."
+        )
+    if not run.attention_path.is_file():
+        raise SettingError(
+            f"{run.attention_path}, the attention {last} was trained with, is missing; restore "
+            "it to {resume}, or start a new {out}."
+        )
+    if file_sha256(run.attention_path) != stored:
+        raise SettingError(
+            f"{run.attention_path} is not the attention file {last} was trained with (another "
+            "sha256); restore the run's own file to {resume}, or start a new {out}."
+        )
 
 
 def _objective(
@@ -294,9 +348,11 @@ def _build(
         started=started,
     )
     loop = checkpointer.begin(cfg, resume_state)
-    fresh = resume_state is None or not run.attention_path.is_file()
-    if attention is not None and dist.is_main and fresh:
-        attention.save(run.attention_path)
+    if attention is not None and dist.is_main:
+        if resume_state is None:
+            attention.save(run.attention_path)
+        # Every checkpoint names the attention file it depends on (checked on resume).
+        checkpointer.meta["attention_sha256"] = file_sha256(run.attention_path)
     return TrainingLoop(
         cfg=cfg,
         run=run,

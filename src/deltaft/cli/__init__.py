@@ -9,7 +9,7 @@ the process group, and prints to stdout; each subcommand is a module with ``add_
 Errors end with one line on stderr, ``deltaft: error: ...``, and an exit status: 2 for bad input
 (a ``ValueError``, settings shown as flags, or a ``FileNotFoundError`` raised with a message
 about a path the user gave), 1 for a diverged training or a system error (another ``OSError``),
-130 when interrupted. ``--debug`` shows the traceback instead.
+130 when interrupted (Ctrl-C, SIGTERM or SIGHUP). ``--debug`` shows the traceback instead.
 
 Examples::
 
@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from deltaft import __version__
+from deltaft.app.signals import terminate_as_interrupt
 from deltaft.cli import attention, compare, demo, eval, layers, split, train
 from deltaft.cli.console import ProgressPrinter, configure_logging
 from deltaft.cli.options import (
@@ -122,11 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.progress = progress
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        return int(func(args) or 0)
+        with terminate_as_interrupt():  # docker, Slurm and systemd stop with SIGTERM
+            return int(func(args) or 0)
     except KeyboardInterrupt as error:  # a TrainingInterrupted says what it saved
         if progress is not None:
             progress.close()
-        _error(str(error) or "interrupted; continue a training run with --resume.")
+        _error(str(error) or "interrupted.")
         return 130
     except Exception as error:
         if progress is not None:
