@@ -226,13 +226,16 @@ def test_existing_run_is_never_overwritten(
 # ------------------------------------------------------------------------------------------------
 def test_eval_reproduces_the_summary(delta_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = json.loads((delta_run / "summary.json").read_text())
-    code, out, err = run_main(capsys, "eval", "--run", str(delta_run), "--device", "cpu")
+    code, out, err = run_main(
+        capsys, "eval", "--run", str(delta_run), "--device", "cpu", "--model", MODEL
+    )
     assert code == 0, err
     assert out.startswith(f"test accuracy {100 * summary['best_test_accuracy']:.2f}%")
     assert "best.pt" in out
     code, out, _ = run_main(
-        capsys, "eval", "--run", str(delta_run), "--split", "val", "--checkpoint", "last"
-    )
+        capsys, "eval", "--run", str(delta_run), "--split", "val", "--checkpoint", "last",
+        "--model", MODEL,
+    )  # fmt: skip
     assert code == 0
     assert out.startswith(f"val accuracy {100 * summary['val_accuracy']:.2f}%, loss ")
 

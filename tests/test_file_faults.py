@@ -8,12 +8,18 @@ duplicate key, an attention file estimated on other data accepted silently.
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from deltaft import FeatureExtractor, TransferObjective, validate_layers
+from deltaft.app import evaluate as evaluate_module
+from deltaft.app.evaluate import evaluate_checkpoint
+from tests.cli_support import MODEL, load_state, run_main, write_images
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,3 +69,96 @@ def test_objective_never_compares_two_calls_of_a_shared_module() -> None:
     model.eval()
     out = objective(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
     assert float(out["reg/fm"].detach().sum()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 8: a checkpoint never makes eval import, call, download or write
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch run of the toy factory model (L2-SP: no attention to estimate)."""
+    root = tmp_path_factory.mktemp("faults")
+    for split, n, seed in (("train", 4, 0), ("val", 2, 1), ("test", 2, 2)):
+        write_images(root / "data", split, n, seed)
+    out = root / "run"
+    argv = [
+        "--threads", "1", "-q", "train", "--data", str(root / "data"), "--model", MODEL,
+        "--weights", "none", "--method", "l2sp", "--out", str(out), "--image-size", "16",
+        "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu",
+    ]  # fmt: skip
+    from deltaft.cli import main
+
+    assert main(argv) == 0
+    return out
+
+
+def _tamper(run: Path, tmp_path: Path, **config: Any) -> Path:
+    """A copy of ``run`` whose best.pt config holds ``config``."""
+    import shutil
+
+    copy_ = tmp_path / "tampered"
+    shutil.copytree(run, copy_)
+    path = copy_ / "checkpoints" / "best.pt"
+    state = load_state(path)
+    state["config"].update(config)
+    torch.save(state, path)
+    return copy_
+
+
+def test_eval_never_imports_a_factory_named_by_the_checkpoint(
+    toy_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    marker = tmp_path / "imported"
+    package = tmp_path / "site"
+    package.mkdir()
+    (package / "h3_planted.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef factory(num_classes=4):\n    raise SystemExit\n"
+    )
+    monkeypatch.syspath_prepend(str(package))
+    run = _tamper(toy_run, tmp_path, model="h3_planted:factory")
+    best = run / "checkpoints" / "best.pt"
+    code, out, err = run_main(capsys, "-q", "eval", "--run", str(run), "--device", "cpu")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        f"deltaft: error: {best} names the model factory h3_planted:factory, which evaluating "
+        "would import and call; a checkpoint never runs code by itself: pass --model "
+        "h3_planted:factory if you trust that code."
+    ]
+    assert not marker.exists() and "h3_planted" not in sys.modules
+    # os:system too: refused before anything is looked up.
+    run = _tamper(toy_run, tmp_path / "b", model="os:system")
+    with pytest.raises(evaluate_module.SettingError, match="names the model factory os:system"):
+        evaluate_checkpoint(run, device="cpu")
+
+
+def test_eval_runs_a_factory_the_user_names(
+    toy_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(capsys, "-q", "eval", "--run", str(toy_run), "--model", MODEL)
+    assert code == 0, err
+    assert out.startswith("test accuracy ")
+    code, _, err = run_main(
+        capsys, "-q", "eval", "--run", str(toy_run), "--model", "tests.toy_models:other_cnn"
+    )
+    assert code == 2
+    assert f"was trained with model {MODEL}, not tests.toy_models:other_cnn; pass --model" in err
+
+
+def test_eval_never_downloads_for_a_checkpoint(
+    toy_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored ``download: true`` (a runtime setting) does not reach the data."""
+    seen: dict[str, Any] = {}
+
+    def build_data(cfg: Any, *args: Any) -> Any:
+        seen["download"] = cfg.download
+        raise KeyboardInterrupt  # stop here: only the settings matter
+
+    monkeypatch.setattr(evaluate_module, "build_data", build_data)
+    run = _tamper(toy_run, tmp_path, download=True)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_checkpoint(run, device="cpu", model=MODEL)
+    assert seen == {"download": False}

@@ -23,7 +23,21 @@ import yaml
 
 from deltaft.app.errors import SettingError, literal
 
-__all__ = ["coerce", "normalise_keys", "read_settings_file"]
+__all__ = ["coerce", "normalise_keys", "read_settings_file", "shorten"]
+
+# User text in an error message is cut to this many characters: a message stays one short line.
+_SHOWN_CHARS = 80
+
+
+def shorten(value: object, limit: int = _SHOWN_CHARS) -> str:
+    """``str(value)`` cut to ``limit`` characters (``...`` marks the cut), on one line.
+
+    Example:
+        >>> shorten("x" * 100, 10)
+        'xxxxxxx...'
+    """
+    text = " ".join(str(value).splitlines())
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:

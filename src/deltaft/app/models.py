@@ -66,6 +66,7 @@ __all__ = [
     "load_weights",
     "offline_weight_file",
     "read_state_dict",
+    "runs_code",
 ]
 
 logger = logging.getLogger(__name__)
@@ -125,11 +126,23 @@ def _torchvision_names() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
+def runs_code(name: str) -> bool:
+    """Whether building the model ``name`` imports and calls user code (``pkg.module:factory``).
+
+    torchvision and timm names (``timm:NAME``) only build a library's network.
+
+    Example:
+        >>> runs_code("tests.toy_models:tiny_cnn"), runs_code("timm:resnet18"), runs_code("vgg11")
+        (True, False, False)
+    """
+    return ":" in name and not name.startswith("timm:")
+
+
 def _resolve(name: str) -> tuple[_Kind, str]:
     """Which library builds ``name``, and the name that library knows it by."""
     if name.startswith("timm:"):
         return "timm", name[len("timm:") :]
-    if ":" in name:
+    if runs_code(name):
         return "factory", name
     tv_names = _torchvision_names()
     if name in tv_names:
