@@ -18,6 +18,9 @@ from torch import Tensor, nn
 
 from deltaft import FeatureExtractor, TransferObjective, validate_layers
 from deltaft.app import evaluate as evaluate_module
+from deltaft.app.config import TrainConfig, load_config
+from deltaft.app.config_io import MAX_YAML_NODES, coerce, normalise_keys, short_repr
+from deltaft.app.errors import SettingError
 from deltaft.app.evaluate import evaluate_checkpoint
 from tests.cli_support import MODEL, load_state, run_main, write_images
 
@@ -130,7 +133,7 @@ def test_eval_never_imports_a_factory_named_by_the_checkpoint(
     assert not marker.exists() and "h3_planted" not in sys.modules
     # os:system too: refused before anything is looked up.
     run = _tamper(toy_run, tmp_path / "b", model="os:system")
-    with pytest.raises(evaluate_module.SettingError, match="names the model factory os:system"):
+    with pytest.raises(SettingError, match="names the model factory os:system"):
         evaluate_checkpoint(run, device="cpu")
 
 
@@ -162,3 +165,65 @@ def test_eval_never_downloads_for_a_checkpoint(
     with pytest.raises(KeyboardInterrupt):
         evaluate_checkpoint(run, device="cpu", model=MODEL)
     assert seen == {"download": False}
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 9: YAML settings files
+# ------------------------------------------------------------------------------------------------
+def _nested_aliases(levels: int) -> str:
+    """``levels`` lists of nine aliases of the previous list: 9 ** (levels + 1) items expanded."""
+    lines = ["layers:", ' - &l0 ["x","x","x","x","x","x","x","x","x"]']
+    for level in range(1, levels):
+        lines.append(f" - &l{level} [" + ",".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_that_expand_too_far_are_refused(tmp_path: Path) -> None:
+    """Before: this 294-byte file took 31 s and 1.6 GB to refuse, in a 254 MB message."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_nested_aliases(8))
+    assert len(path.read_bytes()) < 400
+    with pytest.raises(ValueError, match=rf"expand to more than {MAX_YAML_NODES} values") as info:
+        load_config(path)
+    assert len(str(info.value)) < 300
+    path.write_text("layers: &a [conv1, *a]\n")
+    with pytest.raises(ValueError, match="refers to its own anchor"):
+        load_config(path)
+    path.write_text("layers: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_config(path)
+    # A few aliases, as people use them, are fine; merge keys may be overridden.
+    path.write_text("layers: &l [a, b]\nbatch_size: 8\n")
+    assert load_config(path) == {"layers": ["a", "b"], "batch_size": 8}
+
+
+def test_yaml_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    """Before: the second ``lr`` silently won."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("lr: 0.1\nalpha: 0.01\nlr: 0.001\n")
+    with pytest.raises(
+        ValueError,
+        match=r"line 3, column 1: duplicate key 'lr' \(first on line 1\); keep one of them\.",
+    ):
+        load_config(path)
+    path.write_text("{lr: 0.1, lr: 0.2}\n")
+    with pytest.raises(ValueError, match="duplicate key 'lr'"):
+        load_config(path)
+    path.write_text("base: &b {x: 1, y: 2}\nother: {<<: *b, y: 3}\n")
+    from deltaft.app.config_io import read_settings_file
+
+    assert read_settings_file(path)["other"] == {"x": 1, "y": 3}
+
+
+def test_user_values_are_cut_short_in_messages() -> None:
+    huge = ["x" * 1000] * 100_000
+    with pytest.raises(SettingError) as info:
+        coerce("lr", huge, float)
+    assert len(str(info.value)) < 150 and str(info.value).endswith("....")
+    with pytest.raises(ValueError) as error:
+        normalise_keys({"k" * 1000: 1, **{f"u{i}": i for i in range(50)}}, ["lr"], "a file")
+    assert len(str(error.value)) < 600 and "and 46 more" in str(error.value)
+    assert "..." in short_repr("a" * 500) and len(short_repr("a" * 500)) <= 80
+    with pytest.raises(SettingError) as info:
+        TrainConfig.from_sources({"method": "{x}" * 1000}, {"data": "d", "model": "m"})
+    assert len(str(info.value)) < 300
