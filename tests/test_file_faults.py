@@ -227,3 +227,102 @@ def test_user_values_are_cut_short_in_messages() -> None:
     with pytest.raises(SettingError) as info:
         TrainConfig.from_sources({"method": "{x}" * 1000}, {"data": "d", "model": "m"})
     assert len(str(info.value)) < 300
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 10: an attention file says which model and data it came from, and is checked
+# ------------------------------------------------------------------------------------------------
+def _exact_attention(**fields: Any) -> Any:
+    from deltaft.attention import ChannelAttention, attention_from_scores
+
+    scores = {"0": torch.tensor([0.1, 0.3, 0.2])}
+    values = {
+        "weights": attention_from_scores(scores),
+        "scores": scores,
+        "temperature": 5.0,
+        "n_batches": 2,
+        "model_fingerprint": "0123456789abcdef",
+        "data_fingerprint": "fedcba9876543210",
+        "method": "exact",
+        **fields,
+    }
+    return ChannelAttention(**values)
+
+
+def _resave(path: Path, **metadata: str) -> None:
+    """Rewrite ``path`` with some metadata fields replaced, as a hand edit would."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata={**stored, **metadata})
+
+
+def test_attention_file_without_fingerprints_is_not_taken_for_uniform(tmp_path: Path) -> None:
+    """Before: an ``exact`` file with empty fingerprints skipped the model check, as uniform."""
+    from deltaft.attention import ChannelAttention
+
+    path = tmp_path / "a.safetensors"
+    _exact_attention().save(path)
+    _resave(path, model_fingerprint='""', data_fingerprint='""')
+    with pytest.raises(ValueError, match="'exact' attention has no model or data fingerprint"):
+        ChannelAttention.load(path, model=nn.Sequential(nn.Conv2d(3, 3, 1)))
+    ChannelAttention.uniform({"0": 3}).save(path)
+    _resave(path, method='"exact"', n_batches="2")
+    with pytest.raises(ValueError, match="has no model or data fingerprint"):
+        ChannelAttention.load(path)
+    _exact_attention().save(path)
+    _resave(path, method='"uniform"', model_fingerprint='""', data_fingerprint='""')
+    with pytest.raises(ValueError, match=r"says it is uniform, but layers \['0'\]"):
+        ChannelAttention.load(path)
+    with pytest.raises(ValueError, match="no model or data fingerprint"):
+        _exact_attention(data_fingerprint="").save(path)
+    ChannelAttention.uniform({"0": 3}).save(path)  # uniform files need none
+    assert ChannelAttention.load(path).method == "uniform"
+
+
+def test_attention_file_from_other_training_data_is_refused(
+    toy_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: ``train --attention`` took a file estimated on other data without a word."""
+    import shutil
+
+    data = toy_run.parent / "data"
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    write_images(other, "train", 5, seed=7)  # one more image per class, the others rewritten
+    attention = tmp_path / "att.safetensors"
+    common = [
+        "--model", MODEL, "--weights", "none", "--image-size", "16", "--batch-size", "8",
+        "--workers", "0", "--device", "cpu", "--attention-epochs", "1",
+        "--attention-batches", "1",
+    ]  # fmt: skip
+    code, _, err = run_main(
+        capsys, "-q", "--threads", "1", "attention", "--data", str(data), *common,
+        "--out", str(attention),
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_main(
+        capsys, "-q", "--threads", "1", "train", "--data", str(other), *common,
+        "--attention", str(attention), "--out", str(tmp_path / "run"), "--epochs", "1",
+    )  # fmt: skip
+    assert (code, out) == (2, "")
+    [line] = err.splitlines()
+    assert line.startswith(f"deltaft: error: --attention {attention} was estimated with training ")
+    assert "re-run `deltaft attention` with this run's data settings" in line
+
+
+def test_training_fingerprint_follows_the_images(tmp_path: Path) -> None:
+    from deltaft.app.attention import training_fingerprint
+    from deltaft.app.data.folders import ImageFolder
+
+    write_images(tmp_path / "a", "train", 2, seed=0)
+    first = training_fingerprint(ImageFolder(tmp_path / "a" / "train"))
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    assert training_fingerprint(ImageFolder(tmp_path / "moved" / "train")) == first
+    write_images(tmp_path / "moved", "train", 3, seed=0)
+    assert training_fingerprint(ImageFolder(tmp_path / "moved" / "train")) != first
