@@ -150,6 +150,41 @@ def test_eval_runs_a_factory_the_user_names(
     assert f"was trained with model {MODEL}, not tests.toy_models:other_cnn; pass --model" in err
 
 
+def test_resume_never_imports_a_factory_named_by_the_run_folder(
+    toy_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``train --resume --out RUN`` reads RUN/config.yaml; its model must not run code."""
+    import shutil
+
+    import yaml
+
+    marker = tmp_path / "imported"
+    package = tmp_path / "site"
+    package.mkdir()
+    (package / "h3_planted_resume.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(package))
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    stored.update(model="h3_planted_resume:factory", download=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
+    for name in ("last", "best"):  # tampered consistently: resume's own check sees no change
+        state = load_state(run / "checkpoints" / f"{name}.pt")
+        state["config"].update(model="h3_planted_resume:factory", download=True)
+        torch.save(state, run / "checkpoints" / f"{name}.pt")
+    code, out, err = run_main(capsys, "-q", "train", "--resume", "--out", str(run))
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        f"deltaft: error: {run / 'config.yaml'} names the model factory "
+        "h3_planted_resume:factory, which would be imported and called; a run folder never "
+        "runs code by itself: pass --model h3_planted_resume:factory if you trust that code."
+    ]
+    assert not marker.exists() and "h3_planted_resume" not in sys.modules
+
+
 def test_eval_never_downloads_for_a_checkpoint(
     toy_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

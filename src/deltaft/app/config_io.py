@@ -29,6 +29,8 @@ __all__ = [
     "coerce",
     "normalise_keys",
     "read_settings_file",
+    "runs_code",
+    "settings_from_run",
     "short_repr",
     "shorten",
 ]
@@ -129,6 +131,41 @@ def short_repr(value: object) -> str:
         ("'abc'", '[0, 1, 2, 3, ...]')
     """
     return shorten(_REPR.repr(value))
+
+
+def runs_code(name: str) -> bool:
+    """Whether building the model ``name`` imports and calls user code (``pkg.module:factory``).
+
+    torchvision and timm names (``timm:NAME``) only build a library's network.
+
+    Example:
+        >>> runs_code("tests.toy_models:tiny_cnn"), runs_code("timm:resnet18"), runs_code("vgg11")
+        (True, False, False)
+    """
+    return ":" in name and not name.startswith("timm:")
+
+
+def settings_from_run(
+    stored: Mapping[str, Any], given: Mapping[str, Any], origin: str
+) -> dict[str, Any]:
+    """Settings read back from a run folder (``--resume``), made inert: a file never decides
+    that a command runs code or downloads; only the command line does.
+
+    ``download`` is dropped; a ``pkg.module:factory`` model is kept only when ``given`` (the
+    command line) names a model too, which then takes precedence anyway.
+
+    Raises:
+        SettingError: ``stored`` names a model factory and ``given`` names no model.
+    """
+    settings = {key: value for key, value in stored.items() if key != "download"}
+    model = settings.get("model")
+    if isinstance(model, str) and runs_code(model) and given.get("model") is None:
+        raise SettingError(
+            f"{literal(origin)} names the model factory {literal(shorten(model))}, which would "
+            "be imported and called; a run folder never runs code by itself: pass "
+            f"{{model}} {literal(shorten(model))} if you trust that code."
+        )
+    return settings
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:

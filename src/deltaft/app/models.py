@@ -46,6 +46,7 @@ import torch
 import torchvision
 from torch import nn
 
+from deltaft.app.config_io import runs_code
 from deltaft.app.errors import SettingError, literal
 from deltaft.app.weights import (
     OFFLINE_DISTRIBUTION,
@@ -124,18 +125,6 @@ def _import_timm(required: bool) -> Any:
 
 def _torchvision_names() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
-
-
-def runs_code(name: str) -> bool:
-    """Whether building the model ``name`` imports and calls user code (``pkg.module:factory``).
-
-    torchvision and timm names (``timm:NAME``) only build a library's network.
-
-    Example:
-        >>> runs_code("tests.toy_models:tiny_cnn"), runs_code("timm:resnet18"), runs_code("vgg11")
-        (True, False, False)
-    """
-    return ":" in name and not name.startswith("timm:")
 
 
 def _resolve(name: str) -> tuple[_Kind, str]:
