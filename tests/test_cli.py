@@ -187,8 +187,11 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(
     assert load_state(out / "checkpoints" / "last.pt")["epoch"] == 1
     monkeypatch.setattr(ProgressPrinter, "__call__", original)
 
-    # Only --out and --resume: the rest comes from the run's config.yaml.
-    code, _, err = run_main(capsys, "--threads", "1", "train", "--out", str(out), "--resume")
+    # Only --out, --resume and the factory model (a run folder never names code to run): the
+    # rest comes from the run's config.yaml.
+    code, _, err = run_main(
+        capsys, "--threads", "1", "train", "--out", str(out), "--resume", "--model", MODEL
+    )
     assert code == 0, err
     assert "Resuming" in err and "after epoch 1 of 2" in err
     straight, resumed = (load_state(r / "checkpoints" / "last.pt") for r in (delta_run, out))
