@@ -765,7 +765,7 @@ def test_load_checks_against_a_model(tmp_path: Path) -> None:
     model = ResidualToy()
     good = ChannelAttention.uniform({"stem.0": 6, "block": 6})
     good = ChannelAttention(
-        good.weights, good.scores, 5.0, 1, model_fingerprint(model), "", "exact"
+        good.weights, good.scores, 5.0, 1, model_fingerprint(model), "fedcba9876543210", "exact"
     )
     path = tmp_path / "a.safetensors"
     good.save(path)

@@ -189,8 +189,11 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(
     assert load_state(out / "checkpoints" / "last.pt")["epoch"] == 1
     monkeypatch.setattr(ProgressPrinter, "__call__", original)
 
-    # Only --out and --resume: the rest comes from the run's config.yaml.
-    code, _, err = run_main(capsys, "--threads", "1", "train", "--out", str(out), "--resume")
+    # Only --out, --resume and the factory model (a run folder never names code to run): the
+    # rest comes from the run's config.yaml.
+    code, _, err = run_main(
+        capsys, "--threads", "1", "train", "--out", str(out), "--resume", "--model", MODEL
+    )
     assert code == 0, err
     assert "Resuming" in err and "after epoch 1 of 2" in err
     straight, resumed = (load_state(r / "checkpoints" / "last.pt") for r in (delta_run, out))
@@ -228,13 +231,16 @@ def test_existing_run_is_never_overwritten(
 # ------------------------------------------------------------------------------------------------
 def test_eval_reproduces_the_summary(delta_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = json.loads((delta_run / "summary.json").read_text())
-    code, out, err = run_main(capsys, "eval", "--run", str(delta_run), "--device", "cpu")
+    code, out, err = run_main(
+        capsys, "eval", "--run", str(delta_run), "--device", "cpu", "--model", MODEL
+    )
     assert code == 0, err
     assert out.startswith(f"test accuracy {100 * summary['best_test_accuracy']:.2f}%")
     assert "best.pt" in out
     code, out, _ = run_main(
-        capsys, "eval", "--run", str(delta_run), "--split", "val", "--checkpoint", "last"
-    )
+        capsys, "eval", "--run", str(delta_run), "--split", "val", "--checkpoint", "last",
+        "--model", MODEL,
+    )  # fmt: skip
     assert code == 0
     assert out.startswith(f"val accuracy {100 * summary['val_accuracy']:.2f}%, loss ")
 

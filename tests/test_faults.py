@@ -748,8 +748,9 @@ def test_eval_refuses_a_checkpoint_of_another_model(
     state["config"]["model"] = "tests.toy_models:other_cnn"  # a wider network
     torch.save(state, path)
     code, stdout, err = run_main(
-        capsys, "-q", "eval", "--run", str(finished_run), "--device", "cpu"
-    )
+        capsys, "-q", "eval", "--run", str(finished_run), "--device", "cpu",
+        "--model", "tests.toy_models:other_cnn",
+    )  # fmt: skip
     assert code == 2 and stdout == ""
     [line] = err.splitlines()
     assert line.startswith(f"deltaft: error: {path} holds weights that do not fit ")

@@ -32,9 +32,14 @@ class FeatureExtractor:
             so a network used only for its feature maps runs no further than it must. Wrap the
             forward in :meth:`run` to swallow the exception.
 
+    A module must run once per forward: a second call before :meth:`pop` raises, because two
+    calls give two different maps and which one is meant cannot be told (ResNet blocks call
+    their one ``relu`` module two or three times).
+
     Raises:
         ValueError: a name is not a module of ``model`` (the message lists close matches), or
-            ``layers`` is empty or repeats a name.
+            ``layers`` is empty or repeats a name; during a forward, a module that runs a
+            second time before :meth:`pop`.
 
     Example:
         >>> import torch, torchvision
@@ -62,6 +67,14 @@ class FeatureExtractor:
                 raise TypeError(
                     f"Layer {name!r} returned {type(output).__name__}, expected a Tensor; "
                     "choose a module whose output is a (B, C, H, W) feature map."
+                )
+            if name in self._store:
+                # A shared module (ResNet's block ``relu``): the source, stopped early, would keep
+                # one call and the target another, and two different maps would be compared.
+                raise ValueError(
+                    f"Layer {name!r} runs more than once per forward (or a forward ran twice "
+                    "before pop()), so its map is ambiguous. Choose a module that is called "
+                    "once, such as a convolution or a whole block."
                 )
             self._store[name] = output
             if self.stop_after_last and len(self._store) == len(self.layers):

@@ -60,12 +60,14 @@ class LayerInfo:
         kind: the module's class name.
         shape: output shape for a batch of one, or ``None`` when the output is not a tensor.
         order: position in the order in which forward calls finished.
+        calls: how many times the module ran in that forward (0 if it did not run).
     """
 
     name: str
     kind: str
     shape: tuple[int, ...] | None
     order: int
+    calls: int = 1
 
 
 def _dry_run_input(model: nn.Module, input_size: int) -> Tensor:
@@ -293,7 +295,8 @@ def describe_layers(model: nn.Module, *, input_size: int = 224) -> list[LayerInf
     for name, module in named.items():
         first = seen[name][0] if name in seen else None
         shape = first if isinstance(first, tuple) else None
-        infos.append(LayerInfo(name, type(module).__name__, shape, order.get(name, -1)))
+        calls = len(seen.get(name, ()))
+        infos.append(LayerInfo(name, type(module).__name__, shape, order.get(name, -1), calls))
     return infos
 
 
@@ -457,8 +460,9 @@ def validate_layers(
 
     Raises:
         ValueError: empty or repeated names, an unknown name (close matches listed), a module that
-            does not run in ``forward``, or whose output's layout cannot be decided or is not the
-            declared one (the message lists layers that qualify).
+            does not run in ``forward``, runs more than once per forward (a shared activation:
+            which call's map is meant cannot be told), or whose output's layout cannot be decided
+            or is not the declared one (the message lists layers that qualify).
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     resolve_layers(model, layers)
@@ -479,5 +483,11 @@ def validate_layers(
                 f"{error} DELTA needs a module with a (B, C, H, W), (B, H, W, C) or (B, N, C) "
                 f"output. Some that qualify: {some}."
             ) from None
+        if infos[name].calls > 1:
+            raise ValueError(
+                f"Layer {name!r} of {type(model).__name__} runs {infos[name].calls} times per "
+                "forward, so its map is ambiguous (a shared activation such as a ResNet block's "
+                "relu); choose a module that is called once, such as a convolution or a block."
+            )
         shapes[name] = shape
     return shapes

@@ -4,7 +4,11 @@ against the source model."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +27,36 @@ from deltaft.app.build import (
     select_layers,
 )
 from deltaft.app.config import TrainConfig
-from deltaft.app.errors import SettingError
+from deltaft.app.errors import SettingError, literal
 from deltaft.attention import ChannelAttention, estimate_channel_attention
 
-__all__ = ["estimate_attention", "load_attention", "run_attention"]
+__all__ = ["estimate_attention", "load_attention", "run_attention", "training_fingerprint"]
 
 logger = logging.getLogger(__name__)
+
+
+def training_fingerprint(train: Dataset[Any]) -> str:
+    """Content hash of a training split: 16 hex digits of a SHA-256.
+
+    For a folder of images (a dataset with ``root`` and ``samples``): the class names and, per
+    image in order, its path under ``root``, its label and its size in bytes, so a renamed,
+    added, removed, relabelled or rewritten image changes it while moving the folder does not.
+    For another dataset (``tv:NAME``): its type, class names and length. The images are not
+    read, so it costs one ``stat`` per file.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps([str(c) for c in getattr(train, "classes", [])]).encode() + b"\0")
+    samples, root = getattr(train, "samples", None), getattr(train, "root", None)
+    if isinstance(samples, list) and root is not None:
+        for path, label in samples:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1
+            digest.update(f"{os.path.relpath(path, root)}\0{label}\0{size}\n".encode())
+    else:
+        digest.update(f"{type(train).__name__}\0{len(train)}".encode())  # type: ignore[arg-type]
+    return digest.hexdigest()[:16]
 
 
 def load_attention(
@@ -37,21 +65,40 @@ def load_attention(
     layers: Sequence[str] | None,
     *,
     setting: Literal["attention", "resume"],
+    train: Dataset[Any] | None = None,
 ) -> ChannelAttention:
     """Read an attention file; check it against the source model (and ``layers`` when given).
 
+    With ``train``, an estimated (non-uniform) attention must have been estimated on this
+    training split: its :func:`training_fingerprint` is stored in the file by
+    :func:`estimate_attention` and compared; a file estimated on other data, or one that does
+    not say (made by the library's ``estimate_channel_attention``), is refused, since its
+    weights rank the channels for another task. There is no override: re-run
+    ``deltaft attention`` with the training settings.
+
     Raises:
-        SettingError: no such file, or a file for another model or other layers; the message
-            names ``setting``, the setting that gave the path.
+        SettingError: no such file, or a file for another model, other layers or other data;
+            the message names ``setting``, the setting that gave the path.
     """
     try:
         attention = ChannelAttention.load(path, model=source)
         if layers is not None:
             attention.check_compatible(layers)
     except FileNotFoundError:
-        raise SettingError(f"{{{setting}}} {path}: no such file.") from None
+        raise SettingError(f"{{{setting}}} {literal(path)}: no such file.") from None
     except ValueError as error:
-        raise SettingError(f"{{{setting}}} {path}: {error}") from None
+        raise SettingError(f"{{{setting}}} {literal(path)}: {literal(error)}") from None
+    if train is not None and attention.method != "uniform":
+        want = training_fingerprint(train)
+        got = attention.dataset_fingerprint
+        if got != want:
+            what = f"training data {literal(got)}" if got else "no record of its training data"
+            raise SettingError(
+                f"{{{setting}}} {literal(path)} was estimated with {what}, but this run's "
+                f"training split is {want} (other images, labels or subsample); re-run "
+                "`deltaft attention` with this run's data settings, or leave out "
+                f"{{{setting}}} to estimate it."
+            )
     return attention
 
 
@@ -69,6 +116,7 @@ def estimate_attention(
     """Estimate the channel attention on the training split, reproducibly from ``cfg.seed``
     (the RNGs are seeded from ``(seed, "attention")``, the data order from
     ``(seed, "attention-data")``); ``progress`` shows a bar while the channels are scored.
+    The result records the :func:`training_fingerprint` of ``train``.
 
     Raises:
         ValueError: estimation failed; the message starts with ``attention estimation:``.
@@ -94,6 +142,7 @@ def estimate_attention(
         )
     except ValueError as error:
         raise ValueError(f"attention estimation: {error}") from None
+    attention = dataclasses.replace(attention, dataset_fingerprint=training_fingerprint(train))
     logger.info(
         "attention: %d layers, %d channels in %.1f s",
         len(attention.layers),

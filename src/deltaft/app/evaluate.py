@@ -9,8 +9,9 @@ from torch import nn
 
 from deltaft.app.build import build_data, make_loader, resolve_device
 from deltaft.app.config import TrainConfig
-from deltaft.app.errors import SettingError
-from deltaft.app.models import ModelInfo, build_model
+from deltaft.app.config_io import shorten
+from deltaft.app.errors import SettingError, literal
+from deltaft.app.models import ModelInfo, build_model, runs_code
 from deltaft.app.tracking import RunDir
 from deltaft.engine import evaluate
 
@@ -26,6 +27,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint on a split of its data (or of ``data``, same classes).
 
@@ -34,11 +36,18 @@ def evaluate_checkpoint(
     is decoded first; unreadable ones are left out (``skipped`` lists them) and ``images``
     counts those evaluated.
 
+    The checkpoint is data, never code: nothing it names is imported, called, downloaded or
+    written. A run of a ``pkg.module:factory`` model is evaluated only when the caller names the
+    same factory in ``model`` (the command line's ``--model``); its ``download`` setting is
+    ignored (a ``tv:NAME`` dataset must already be on disk).
+
     Returns:
         ``{"split", "checkpoint", "epoch", "accuracy", "loss", "images", "data", "skipped"}``.
 
     Raises:
-        SettingError: ``run_dir`` (the ``run`` setting) is not a directory; no such split.
+        SettingError: ``run_dir`` (the ``run`` setting) is not a directory; no such split; the
+            checkpoint names a model factory that ``model`` does not name, or ``model`` differs
+            from the run's model.
         FileNotFoundError: no such checkpoint.
         ValueError: an unreadable checkpoint, weights that do not fit the model, classes
             that differ from the run's, or a class without a readable image in the split.
@@ -54,11 +63,13 @@ def evaluate_checkpoint(
         overrides["batch_size"] = batch_size
     if workers is not None:
         overrides["workers"] = workers
+    overrides["download"] = False  # only the command line may make a command download
+    _check_model(state.get("config"), model, run.checkpoint_path(checkpoint))
     cfg = TrainConfig.from_sources(state["config"], overrides, origin=f"{run.path} checkpoint")
     classes = list(state["classes"])
-    model = _load_model(cfg, state, run.checkpoint_path(checkpoint))
+    network = _load_model(cfg, state, run.checkpoint_path(checkpoint))
     torch_device = resolve_device(cfg.device)
-    model.to(torch_device)
+    network.to(torch_device)
     info = ModelInfo(
         name=cfg.model,
         input_size=int(state["image_size"]),
@@ -79,7 +90,7 @@ def evaluate_checkpoint(
         raise SettingError(f"{cfg.data} has no {split} split; give it {hint}.")
     splits.verify([split])  # unreadable files leave the split: the count is what was read
     loader = make_loader(dataset, cfg, torch_device, shuffle=False)
-    metrics = evaluate(model, loader, device=torch_device)
+    metrics = evaluate(network, loader, device=torch_device)
     return {
         "split": split,
         "checkpoint": checkpoint,
@@ -90,6 +101,28 @@ def evaluate_checkpoint(
         "data": cfg.data,
         "skipped": splits.skipped(),
     }
+
+
+def _check_model(config: object, given: str | None, path: Path) -> None:
+    """Refuse a checkpoint whose model would run code the caller did not name, before any import.
+
+    Raises:
+        SettingError: a factory model not named by ``given``, or ``given`` is another model.
+    """
+    stored = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(stored, str):
+        return  # TrainConfig reports the missing or mistyped setting
+    if given is not None and given != stored:
+        raise SettingError(
+            f"{literal(path)} was trained with model {literal(shorten(stored))}, not "
+            f"{literal(shorten(given))}; pass {{model}} {literal(shorten(stored))} or leave it out."
+        )
+    if given is None and runs_code(stored):
+        raise SettingError(
+            f"{literal(path)} names the model factory {literal(shorten(stored))}, which "
+            "evaluating would import and call; a checkpoint never runs code by itself: pass "
+            f"{{model}} {literal(shorten(stored))} if you trust that code."
+        )
 
 
 def _load_model(cfg: TrainConfig, state: dict[str, Any], path: Path) -> nn.Module:

@@ -46,6 +46,7 @@ import torch
 import torchvision
 from torch import nn
 
+from deltaft.app.config_io import runs_code
 from deltaft.app.errors import SettingError, literal
 from deltaft.app.weights import (
     OFFLINE_DISTRIBUTION,
@@ -66,6 +67,7 @@ __all__ = [
     "load_weights",
     "offline_weight_file",
     "read_state_dict",
+    "runs_code",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ def _resolve(name: str) -> tuple[_Kind, str]:
     """Which library builds ``name``, and the name that library knows it by."""
     if name.startswith("timm:"):
         return "timm", name[len("timm:") :]
-    if ":" in name:
+    if runs_code(name):
         return "factory", name
     tv_names = _torchvision_names()
     if name in tv_names:

@@ -168,7 +168,9 @@ def _attention(
         return load_attention(run.attention_path, built.source, stored, setting="resume")
     if cfg.attention:
         explicit = layers if cfg.layers is not None else None
-        return load_attention(cfg.attention, built.source, explicit, setting="attention")
+        return load_attention(
+            cfg.attention, built.source, explicit, setting="attention", train=built.splits.train
+        )
     estimated = None
     if dist.is_main:
         train, classes = built.splits.train, len(built.classes)

@@ -33,6 +33,8 @@ _METADATA_KEYS = (
     "data_fingerprint",
     "method",
 )
+# Files written before the training split was recorded lack it: read as "".
+_OPTIONAL_KEYS = ("dataset_fingerprint",)
 _RERUN_HINT = "re-run `deltaft attention` for this model, data and layers"
 
 
@@ -49,6 +51,13 @@ class ChannelAttention:
             included), ``""`` when the weights are not tied to a model (uniform).
         data_fingerprint: content hash of the scored batches, ``""`` when none.
         method: how the scores were computed (``exact``, ``reference``, ``taylor``, ``uniform``).
+        dataset_fingerprint: content hash of the training split the batches were drawn from, as
+            :mod:`deltaft.app` computes it (file names, sizes and labels), so that a file can
+            be checked against the data it is used with; ``""`` when not recorded.
+
+    A saved file must say where it came from: only a ``uniform`` one (``w = 1/C`` in every
+    layer, no batches) may lack the model and data fingerprints; :meth:`save` and :meth:`load`
+    refuse any other without them.
     """
 
     weights: dict[str, Tensor]
@@ -58,6 +67,7 @@ class ChannelAttention:
     model_fingerprint: str
     data_fingerprint: str
     method: str
+    dataset_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if not self.weights or list(self.weights) != list(self.scores):
@@ -147,12 +157,41 @@ class ChannelAttention:
                 f"is {model_fingerprint} (other weights); {_RERUN_HINT}."
             )
 
+    def check_provenance(self) -> None:
+        """Raise ``ValueError`` unless the fingerprints say where the weights came from.
+
+        A ``uniform`` attention must be uniform (``w = 1/C``, ``n_batches = 0``); any other
+        needs a model and a data fingerprint, without which nothing could be checked.
+        """
+        if self.method == "uniform":
+            skewed = [
+                name
+                for name, w in self.weights.items()
+                if not torch.allclose(w.double(), torch.full_like(w.double(), 1.0 / w.numel()))
+            ]
+            if skewed or self.n_batches != 0:
+                raise ValueError(
+                    f"The attention says it is uniform, but layers {skewed} have unequal weights "
+                    f"or n_batches is {self.n_batches} (not 0); it was altered, {_RERUN_HINT}."
+                )
+            return
+        if not self.model_fingerprint or not self.data_fingerprint:
+            raise ValueError(
+                f"The {self.method!r} attention has no model or data fingerprint (model "
+                f"{self.model_fingerprint!r}, data {self.data_fingerprint!r}); only a uniform "
+                f"attention may lack them: {_RERUN_HINT}."
+            )
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file, atomically (temporary file, then ``os.replace``).
 
         Tensors ``weights/<layer>`` and ``scores/<layer>``; the other fields, JSON-encoded, in the
         file's metadata, with ``"format": "deltaft.attention/1"``.
+
+        Raises:
+            ValueError: see :meth:`check_provenance`.
         """
+        self.check_provenance()
         path = Path(path)
         tensors = {}
         for name in self.layers:
@@ -166,6 +205,7 @@ class ChannelAttention:
             "model_fingerprint": json.dumps(self.model_fingerprint),
             "data_fingerprint": json.dumps(self.data_fingerprint),
             "method": json.dumps(self.method),
+            "dataset_fingerprint": json.dumps(self.dataset_fingerprint),
         }
         atomic_write(path, lambda handle: handle.write(save(tensors, metadata=metadata)))
 
@@ -191,7 +231,8 @@ class ChannelAttention:
             expected_fingerprint: when given, the source's fingerprint that must match.
 
         Raises:
-            ValueError: not a deltaft attention file, or any check above fails.
+            ValueError: not a deltaft attention file, a file without the fingerprints its
+                method needs (:meth:`check_provenance`), or any check above fails.
             FileNotFoundError: no file at ``path``.
         """
         try:
@@ -211,6 +252,7 @@ class ChannelAttention:
             )
         try:
             fields = {key: json.loads(metadata[key]) for key in _METADATA_KEYS}
+            fields.update({k: json.loads(metadata[k]) for k in _OPTIONAL_KEYS if k in metadata})
             names: list[str] = fields.pop("layers")
             attention = cls(
                 weights={name: tensors[f"weights/{name}"] for name in names},
@@ -222,6 +264,12 @@ class ChannelAttention:
                 f"{path} is a corrupt deltaft attention file (missing or malformed {error}); "
                 f"{_RERUN_HINT}."
             ) from error
+        if not all(isinstance(v, str) for v in _strings(attention)):
+            raise ValueError(f"{path} is a corrupt deltaft attention file; {_RERUN_HINT}.")
+        try:
+            attention.check_provenance()
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         if model is not None:
             known = {}
             for name in attention.layers:
@@ -236,3 +284,13 @@ class ChannelAttention:
                 attention.layers if layers is None else layers, channels, expected_fingerprint
             )
         return attention
+
+
+def _strings(attention: ChannelAttention) -> tuple[object, ...]:
+    """The fields that must be strings (JSON could give any type)."""
+    return (
+        attention.model_fingerprint,
+        attention.data_fingerprint,
+        attention.method,
+        attention.dataset_fingerprint,
+    )

@@ -25,6 +25,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, dest="batch_size")
     parser.add_argument("--workers", type=int)
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="the run's model; needed for a pkg.module:factory model, whose code a checkpoint "
+        "never imports by itself",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         workers=args.workers,
+        model=args.model,
     )
     print(
         f"{result['split']} accuracy {percent(result['accuracy'])}, loss {result['loss']:.4f} "

@@ -22,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from deltaft.app.compare import parse_seeds
 from deltaft.app.config import EXCLUSIVE, TrainConfig, load_config
+from deltaft.app.config_io import settings_from_run
 from deltaft.app.errors import SettingError
 from deltaft.app.tracking import RunDir
 
@@ -233,7 +234,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     if given.get("resume") and given.get("out"):
         stored = RunDir(given["out"]).config_path
         if stored.is_file():
-            sources.append(load_config(stored))
+            sources.append(settings_from_run(load_config(stored), given, str(stored)))
     if getattr(args, "config", None):
         sources.append(load_config(args.config))
     return TrainConfig.from_sources(*sources, given, overrides, origin="the command line")
