@@ -22,8 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from deltaft.app.config_io import read_settings_file
 from deltaft.app.errors import SettingError, literal
 from deltaft.app.results import CompareResult, CompareRow, RunResult
 from deltaft.app.tracking import RunDir
@@ -163,8 +162,8 @@ def _check_reusable(summary: Mapping[str, Any], cfg: TrainConfig, run_dir: Path)
     stored_path = run_dir / "config.yaml"
     if not isinstance(stored, dict) and stored_path.is_file():
         try:
-            stored = yaml.safe_load(stored_path.read_text())
-        except (OSError, yaml.YAMLError) as error:
+            stored = read_settings_file(stored_path)  # bounded, duplicate keys refused
+        except (OSError, ValueError) as error:
             raise ValueError(
                 f"Cannot read {stored_path} ({error}) to check that the run can be reused; "
                 "delete that run folder to train it again."
