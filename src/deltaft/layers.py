@@ -15,12 +15,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from deltaft._utils import dtype_device, eval_mode, get_submodule
+from deltaft.layouts import (
+    HOW_TO_DECLARE,
+    LAYOUTS,
+    Layout,
+    channel_axis,
+    declared_layout,
+    layout_from_two_sizes,
+    layout_of,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -35,17 +44,6 @@ __all__ = [
     "resolve_layers",
     "validate_layers",
 ]
-
-Layout = Literal["BCHW", "BHWC", "BNC"]
-LAYOUTS: tuple[str, ...] = ("BCHW", "BHWC", "BNC")
-# Layouts: (B, C, H, W) convolutional maps, (B, H, W, C) channels-last maps (Swin, ConvNeXt
-# blocks), (B, N, C) token sequences (ViT, DeiT: the N tokens play the role of the H x W positions)
-_CHANNEL_AXIS = {"BCHW": 1, "BHWC": 3, "BNC": 2}
-_RANK = {"BCHW": 4, "BHWC": 4, "BNC": 3}
-_HOW_TO_DECLARE = (
-    "declare it: layouts={{{name!r}: 'BHWC'}} in the library (one of BCHW, BHWC, BNC), "
-    "--layout on the command line"
-)
 
 INCEPTION_V3_LAYERS = ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"]
 MIN_REDUCTION = 4  # stages at stride 2 (the stem) are not regularized, as in the reference
@@ -73,77 +71,6 @@ class LayerInfo:
 def _dry_run_input(model: nn.Module, input_size: int) -> Tensor:
     dtype, device = dtype_device(model)
     return torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype)
-
-
-def channel_axis(layout: Layout) -> int:
-    """The channel axis of ``layout``: 1 for ``"BCHW"``, 3 for ``"BHWC"``, 2 for ``"BNC"``.
-
-    Raises:
-        ValueError: ``layout`` is not one of :data:`LAYOUTS`.
-    """
-    if layout not in _CHANNEL_AXIS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
-    return _CHANNEL_AXIS[layout]
-
-
-def layout_of(
-    name: str, shape: Sequence[int], layouts: Mapping[str, Layout] | Layout | None
-) -> Layout:
-    """The layout of layer ``name`` whose map has ``shape``, checked against its rank.
-
-    ``layouts`` is one layout for every layer, a mapping by layer name, or ``None``: then the
-    rank decides, ``"BCHW"`` for 4-D maps and ``"BNC"`` for 3-D maps (a channels-last map must be
-    declared ``"BHWC"``, or found by :func:`detect_layouts`).
-
-    Raises:
-        ValueError: the layout is unknown, missing from the mapping, or of another rank than the
-            map, or (``layouts=None``) the map is neither 3-D nor 4-D.
-    """
-    if layouts is None:
-        if len(shape) not in (3, 4):
-            raise ValueError(
-                f"Layer {name!r}: expected a (B, C, H, W), (B, H, W, C) or (B, N, C) feature map, "
-                f"got shape {tuple(shape)}; choose a module whose output has a channel axis."
-            )
-        return "BCHW" if len(shape) == 4 else "BNC"
-    if isinstance(layouts, str):
-        layout = layouts
-    elif name in layouts:
-        layout = layouts[name]
-    else:
-        raise ValueError(f"No layout for layer {name!r}; layouts cover {sorted(layouts)}.")
-    channel_axis(layout)  # checks the name
-    if len(shape) != _RANK[layout]:
-        raise ValueError(
-            f"Layer {name!r} is declared {layout} but its map has shape {tuple(shape)}; "
-            f"a {layout} map is {_RANK[layout]}-D. Declare the layout that the module outputs."
-        )
-    return layout
-
-
-def _layout_from_two_sizes(first: tuple[int, ...], second: tuple[int, ...] | None) -> Layout | None:
-    """The layout whose position axes change between two input sizes, or ``None`` if unclear."""
-    if second is None or len(first) != len(second) or len(first) not in (3, 4):
-        return None
-    stays = {axis for axis in range(1, len(first)) if first[axis] == second[axis]}
-    for layout, axis in _CHANNEL_AXIS.items():
-        if _RANK[layout] == len(first) and stays == {axis}:
-            return cast(Layout, layout)
-    return None
-
-
-def _declared_layout(model: nn.Module, shape: tuple[int, ...]) -> Layout | None:
-    """The layout a fixed-size model declares: timm's ``output_fmt``, a transformer's width."""
-    if len(shape) == 4:
-        fmt = getattr(model, "output_fmt", None)
-        fmt = getattr(fmt, "value", fmt)  # timm's Format enum or a plain string
-        return {"NHWC": "BHWC", "NCHW": "BCHW"}.get(str(fmt))  # type: ignore[return-value]
-    if len(shape) == 3:
-        widths = {getattr(model, a, None) for a in ("embed_dim", "hidden_dim", "num_features")}
-        config = getattr(model, "config", None)
-        widths.add(getattr(config, "hidden_size", None))
-        return "BNC" if shape[2] in widths else None
-    return None
 
 
 def _second_input(example: Tensor) -> Tensor:
@@ -205,9 +132,9 @@ def detect_layouts(
                 "channel and position axes."
             )
         other = second[name][0] if second is not None and second.get(name) else None
-        layout = _layout_from_two_sizes(shape, other if isinstance(other, tuple) else None)
+        layout = layout_from_two_sizes(shape, other if isinstance(other, tuple) else None)
         if layout is None and second is None:
-            layout = _declared_layout(model, shape)
+            layout = declared_layout(model, shape)
         if layout is None:
             seen = (
                 f"{shape} at {sides} and {other} at twice that size"
@@ -217,7 +144,7 @@ def detect_layouts(
             raise ValueError(
                 f"Cannot tell which axis of layer {name!r} holds the channels: its output is "
                 f"{seen}; choose a layer whose map is (B, C, H, W), (B, H, W, C) or (B, N, C), "
-                f"or {_HOW_TO_DECLARE.format(name=name)}."
+                f"or {HOW_TO_DECLARE.format(name=name)}."
             )
         layouts[name] = layout
     return layouts
@@ -433,8 +360,8 @@ def _qualifying(model: nn.Module, input_size: int) -> list[str]:
     try:
         second = {i.name: i.shape for i in describe_layers(model, input_size=2 * input_size)}
     except Exception:  # a fixed-size model: the declaration decides, as in detect_layouts
-        return [i.name for i in first if i.shape and _declared_layout(model, i.shape)]
-    return [i.name for i in first if i.shape and _layout_from_two_sizes(i.shape, second[i.name])]
+        return [i.name for i in first if i.shape and declared_layout(model, i.shape)]
+    return [i.name for i in first if i.shape and layout_from_two_sizes(i.shape, second[i.name])]
 
 
 def validate_layers(

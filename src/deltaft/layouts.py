@@ -1,0 +1,106 @@
+"""Feature-map layouts: where the channel axis of a layer's output is.
+
+``"BCHW"``: ``(B, C, H, W)`` convolutional maps; ``"BHWC"``: ``(B, H, W, C)`` channels-last maps
+(Swin, ConvNeXt blocks); ``"BNC"``: ``(B, N, C)`` token sequences (ViT, DeiT: the N tokens play the
+role of the H x W positions). :func:`deltaft.layers.detect_layouts` finds a model's layouts from
+dry forward passes; this module holds the names and the checks that need no model run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal, cast
+
+from torch import nn
+
+__all__ = [
+    "HOW_TO_DECLARE",
+    "LAYOUTS",
+    "Layout",
+    "channel_axis",
+    "declared_layout",
+    "layout_from_two_sizes",
+    "layout_of",
+]
+
+Layout = Literal["BCHW", "BHWC", "BNC"]
+LAYOUTS: tuple[str, ...] = ("BCHW", "BHWC", "BNC")
+# Layouts: (B, C, H, W) convolutional maps, (B, H, W, C) channels-last maps (Swin, ConvNeXt
+# blocks), (B, N, C) token sequences (ViT, DeiT: the N tokens play the role of the H x W positions)
+_CHANNEL_AXIS = {"BCHW": 1, "BHWC": 3, "BNC": 2}
+_RANK = {"BCHW": 4, "BHWC": 4, "BNC": 3}
+HOW_TO_DECLARE = (
+    "declare it: layouts={{{name!r}: 'BHWC'}} in the library (one of BCHW, BHWC, BNC), "
+    "--layout on the command line"
+)
+
+
+def channel_axis(layout: Layout) -> int:
+    """The channel axis of ``layout``: 1 for ``"BCHW"``, 3 for ``"BHWC"``, 2 for ``"BNC"``.
+
+    Raises:
+        ValueError: ``layout`` is not one of :data:`LAYOUTS`.
+    """
+    if layout not in _CHANNEL_AXIS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
+    return _CHANNEL_AXIS[layout]
+
+
+def layout_of(
+    name: str, shape: Sequence[int], layouts: Mapping[str, Layout] | Layout | None
+) -> Layout:
+    """The layout of layer ``name`` whose map has ``shape``, checked against its rank.
+
+    ``layouts`` is one layout for every layer, a mapping by layer name, or ``None``: then the
+    rank decides, ``"BCHW"`` for 4-D maps and ``"BNC"`` for 3-D maps (a channels-last map must be
+    declared ``"BHWC"``, or found by :func:`detect_layouts`).
+
+    Raises:
+        ValueError: the layout is unknown, missing from the mapping, or of another rank than the
+            map, or (``layouts=None``) the map is neither 3-D nor 4-D.
+    """
+    if layouts is None:
+        if len(shape) not in (3, 4):
+            raise ValueError(
+                f"Layer {name!r}: expected a (B, C, H, W), (B, H, W, C) or (B, N, C) feature map, "
+                f"got shape {tuple(shape)}; choose a module whose output has a channel axis."
+            )
+        return "BCHW" if len(shape) == 4 else "BNC"
+    if isinstance(layouts, str):
+        layout = layouts
+    elif name in layouts:
+        layout = layouts[name]
+    else:
+        raise ValueError(f"No layout for layer {name!r}; layouts cover {sorted(layouts)}.")
+    channel_axis(layout)  # checks the name
+    if len(shape) != _RANK[layout]:
+        raise ValueError(
+            f"Layer {name!r} is declared {layout} but its map has shape {tuple(shape)}; "
+            f"a {layout} map is {_RANK[layout]}-D. Declare the layout that the module outputs."
+        )
+    return layout
+
+
+def layout_from_two_sizes(first: tuple[int, ...], second: tuple[int, ...] | None) -> Layout | None:
+    """The layout whose position axes change between two input sizes, or ``None`` if unclear."""
+    if second is None or len(first) != len(second) or len(first) not in (3, 4):
+        return None
+    stays = {axis for axis in range(1, len(first)) if first[axis] == second[axis]}
+    for layout, axis in _CHANNEL_AXIS.items():
+        if _RANK[layout] == len(first) and stays == {axis}:
+            return cast(Layout, layout)
+    return None
+
+
+def declared_layout(model: nn.Module, shape: tuple[int, ...]) -> Layout | None:
+    """The layout a fixed-size model declares: timm's ``output_fmt``, a transformer's width."""
+    if len(shape) == 4:
+        fmt = getattr(model, "output_fmt", None)
+        fmt = getattr(fmt, "value", fmt)  # timm's Format enum or a plain string
+        return {"NHWC": "BHWC", "NCHW": "BCHW"}.get(str(fmt))  # type: ignore[return-value]
+    if len(shape) == 3:
+        widths = {getattr(model, a, None) for a in ("embed_dim", "hidden_dim", "num_features")}
+        config = getattr(model, "config", None)
+        widths.add(getattr(config, "hidden_size", None))
+        return "BNC" if shape[2] in widths else None
+    return None
