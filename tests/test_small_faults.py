@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from deltaft._utils import atomic_write
 from deltaft.app.tracking import RunDir
 
 
@@ -38,3 +40,24 @@ def test_a_failed_metrics_append_names_the_file_and_leaves_no_partial_line(
     monkeypatch.undo()
     assert run.metrics_path.read_bytes() == before
     assert run.read_metrics() == [{"epoch": 1, "loss": 0.5}]
+
+
+@pytest.fixture
+def umask_027() -> Iterator[int]:
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_atomic_write_gives_the_umask_mode(tmp_path: Path, umask_027: int, existing: bool) -> None:
+    """Before the fix every file kept mkstemp's 0600, whatever the user's umask."""
+    path = tmp_path / "file.txt"
+    if existing:
+        path.write_bytes(b"old")
+        path.chmod(0o600)
+    atomic_write(path, lambda handle: handle.write(b"new"))
+    assert path.read_bytes() == b"new"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask_027
