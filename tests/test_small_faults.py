@@ -17,6 +17,35 @@ import pytest
 
 from deltaft._utils import atomic_write
 from deltaft.app.tracking import RunDir
+from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    MODEL,
+    one_thread,
+    restore_logging,
+    run_main,
+    write_images,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes: 4 train images each, 1 val and 1 test image each."""
+    root = tmp_path_factory.mktemp("data")
+    for split, n, seed in (("train", 4, 0), ("val", 1, 1), ("test", 1, 2)):
+        write_images(root, split, n, seed)
+    return root
+
+
+def _argv(data: Path, out: Path, *extra: str, epochs: int = 1) -> list[str]:
+    return [
+        "--threads", "1", "train", "--data", str(data), "--model", MODEL, "--weights", "none",
+        "--method", "l2", "--out", str(out), "--image-size", "32", "--batch-size", "4",
+        "--epochs", str(epochs), "--workers", "0", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def _errors(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("deltaft: error:")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,3 +90,20 @@ def test_atomic_write_gives_the_umask_mode(tmp_path: Path, umask_027: int, exist
     atomic_write(path, lambda handle: handle.write(b"new"))
     assert path.read_bytes() == b"new"
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask_027
+
+
+def test_resume_rewrites_a_removed_config_yaml(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the fix a resumed run never wrote config.yaml: once removed, it stayed missing."""
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *_argv(data, out, epochs=1))
+    assert code == 0, err
+    config = out / "config.yaml"
+    original = config.read_text()
+    config.unlink()
+    (out / "summary.json").unlink()  # as if stopped after its last checkpoint
+    code, _, err = run_main(capsys, *_argv(data, out), "--resume")
+    assert code == 0, err
+    assert "config.yaml" in err  # said so
+    assert config.read_text() == original
