@@ -107,3 +107,41 @@ def test_resume_rewrites_a_removed_config_yaml(
     assert code == 0, err
     assert "config.yaml" in err  # said so
     assert config.read_text() == original
+
+
+def test_a_png_as_weights_is_not_a_weights_file(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the fix: "refusing to load ...: it is not a plain weights file (weights_only=True)",
+    a pickle-safety refusal for a file that is no pickle at all."""
+    png = data / "train" / "ant" / "0.png"
+    for name in ("weights.pt", "weights.safetensors"):
+        weights = tmp_path / name
+        weights.write_bytes(png.read_bytes())
+        argv = _argv(data, tmp_path / f"run-{name}")
+        argv[argv.index("--weights") + 1] = str(weights)
+        code, _, err = run_main(capsys, *argv)
+        assert code == 2, err
+        [line] = _errors(err)
+        assert f"{weights} is not a weights file (a PNG image)" in line, line
+        assert "pickle" not in line and "weights_only" not in line
+
+
+def test_weights_files_are_recognised_by_their_first_bytes(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from deltaft.app.weights import read_state_dict
+
+    state = {"layer.weight": torch.arange(6.0).reshape(2, 3)}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(state, str(tmp_path / "tensors.safetensors"))
+    for name in ("zip.pt", "legacy.pt", "tensors.safetensors"):
+        [(key, value)] = read_state_dict(tmp_path / name).items()
+        assert key == "layer.weight" and torch.equal(value, state["layer.weight"])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("model: resnet\n")
+    for name in ("empty.pt", "text.pt"):
+        with pytest.raises(ValueError, match=f"{name} is not a weights file"):
+            read_state_dict(tmp_path / name)
