@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +146,34 @@ def test_weights_files_are_recognised_by_their_first_bytes(tmp_path: Path) -> No
     for name in ("empty.pt", "text.pt"):
         with pytest.raises(ValueError, match=f"{name} is not a weights file"):
             read_state_dict(tmp_path / name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class 12: folders
+# ------------------------------------------------------------------------------------------------
+def _compare_argv(data: Path, out: Path) -> list[str]:
+    return [
+        "--threads", "1", "compare", "--data", str(data), "--model", MODEL, "--weights", "none",
+        "--out", str(out), "--image-size", "32", "--batch-size", "4", "--epochs", "1",
+        "--workers", "0", "--device", "cpu", "--methods", "l2", "--seeds", "1",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("where", ["inside", "same", "via-symlink"])
+def test_an_out_inside_the_data_folder_is_refused(
+    command: str, where: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the fix the run wrote into the data folder: its PNG figures became images of a
+    class (or a class folder) of the next run's training split."""
+    data = Path(shutil.copytree(data, tmp_path / "data"))  # the shared folder stays clean
+    before = sorted(data.rglob("*"))
+    out = {"inside": data / "runs" / "a", "same": data, "via-symlink": tmp_path / "link" / "a"}
+    if where == "via-symlink":
+        (tmp_path / "link").symlink_to(data)
+    argv = (_argv if command == "train" else _compare_argv)(data, out[where])
+    code, stdout, err = run_main(capsys, *argv)
+    assert code == 2 and stdout == ""
+    [line] = _errors(err)
+    assert f"--out {out[where]} is inside --data {data}" in line, line
+    assert sorted(data.rglob("*")) == before  # nothing written

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deltaft.app.checks import outside_data
 from deltaft.app.config_io import read_settings_file
 from deltaft.app.errors import SettingError, literal
 from deltaft.app.results import CompareResult, CompareRow, RunResult
@@ -343,6 +344,7 @@ def run_compare(
     methods = parse_methods(methods)
     seed_list = parse_seeds(seeds)
     out = Path(out)
+    outside_data(out, base.data)
     # Every run's settings are built (and validated) before the first one trains.
     plan = [
         (method, seed, _run_config(base, method, seed, out / f"{method}-seed{seed}"))
