@@ -177,3 +177,18 @@ def test_an_out_inside_the_data_folder_is_refused(
     [line] = _errors(err)
     assert f"--out {out[where]} is inside --data {data}" in line, line
     assert sorted(data.rglob("*")) == before  # nothing written
+
+
+def test_compare_into_a_train_run_folder_is_refused(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the fix compare added its run folders and compare.* files to the train run's."""
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *_argv(data, out))
+    assert code == 0, err
+    before = sorted(out.rglob("*"))
+    code, stdout, err = run_main(capsys, *_compare_argv(data, out))
+    assert code == 2 and stdout == ""
+    [line] = _errors(err)
+    assert f"--out {out} holds a training run" in line, line
+    assert sorted(out.rglob("*")) == before

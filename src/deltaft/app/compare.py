@@ -336,8 +336,9 @@ def run_compare(
 
     Raises:
         ValueError: an unknown or repeated method, bad seeds or settings (a
-            :class:`~deltaft.app.errors.SettingError`), or a finished run in ``out`` trained
-            with another method, seed or settings.
+            :class:`~deltaft.app.errors.SettingError`), an ``out`` inside the data folder or
+            holding a training run, or a finished run in ``out`` trained with another method,
+            seed or settings.
     """
     from deltaft.app.train import run_training
 
@@ -345,6 +346,12 @@ def run_compare(
     seed_list = parse_seeds(seeds)
     out = Path(out)
     outside_data(out, base.data)
+    if RunDir(out).holds_run():
+        raise SettingError(
+            f"{{out}} {literal(out)} holds a training run (config.yaml, checkpoints...), not a "
+            "comparison; choose another {out} (compare writes one run folder per method and "
+            "seed into it)."
+        )
     # Every run's settings are built (and validated) before the first one trains.
     plan = [
         (method, seed, _run_config(base, method, seed, out / f"{method}-seed{seed}"))
