@@ -15,9 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from deltaft._utils import atomic_write
 from deltaft.app.tracking import RunDir
+from deltaft.app.weights import read_state_dict
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
     MODEL,
     one_thread,
@@ -129,11 +132,6 @@ def test_a_png_as_weights_is_not_a_weights_file(
 
 
 def test_weights_files_are_recognised_by_their_first_bytes(tmp_path: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    from deltaft.app.weights import read_state_dict
-
     state = {"layer.weight": torch.arange(6.0).reshape(2, 3)}
     torch.save(state, tmp_path / "zip.pt")
     torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
