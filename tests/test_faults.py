@@ -31,7 +31,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -772,22 +771,22 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
     """Epoch 2's last.pt cannot be written: epoch 1's stays, and --resume finishes the run."""
     out = tmp_path / "run"
     last = out / "checkpoints" / "last.pt"
-    real_mkstemp = tempfile.mkstemp
+    real_create = _utils._create_temporary
     before: list[bytes] = []
 
-    def failing_mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
-        fd, name = real_mkstemp(*args, **kwargs)
+    def failing_create(path: Path) -> tuple[int, str]:
+        fd, name = real_create(path)
         if not (Path(name).name.startswith(".last.pt.") and last.exists()):
             return fd, name
         before.append(last.read_bytes())  # epoch 1's checkpoint, as the failure finds it
-        if fault == "read-only":  # what mkstemp raises in a read-only folder
+        if fault == "read-only":  # what os.open raises in a read-only folder
             os.close(fd)
             os.unlink(name)
             raise PermissionError(errno.EACCES, "Permission denied", str(last.parent))
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), name  # every write: ENOSPC
 
-    monkeypatch.setattr(_utils.tempfile, "mkstemp", failing_mkstemp)
+    monkeypatch.setattr(_utils, "_create_temporary", failing_create)
     code, stdout, err = run_main(capsys, *_train_argv(data, out))
     assert code == 1 and stdout == ""
     [line] = _error_lines(err)
@@ -801,7 +800,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
     assert not list(out.rglob("*.tmp"))
     assert [row["epoch"] for row in _metrics(out)] == [1]
 
-    monkeypatch.setattr(_utils.tempfile, "mkstemp", real_mkstemp)  # space freed
+    monkeypatch.setattr(_utils, "_create_temporary", real_create)  # space freed
     code, _, err = run_main(capsys, *_train_argv(data, out), "--resume")
     assert code == 0, err
     _assert_same_run(out, reference)

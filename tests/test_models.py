@@ -299,9 +299,10 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
         (None, "missing.pth", "Weights file .*missing.pth not found"),
         ([1, 2, 3], "list.pth", "holds no state dict"),
         ({"model": {"a": 1}}, "ints.pth", "holds no state dict"),
-        (b"garbage", "junk.safetensors", "Cannot read .*junk.safetensors as safetensors"),
+        (b"\x02" + bytes(7) + b"{x}", "junk.safetensors", "Cannot read .*junk.safetensors as"),
+        (b"garbage", "junk.safetensors", "junk.safetensors is not a weights file"),
         (b"PK\x03\x04garbage", "junk.pth", "Cannot read weights file .*junk.pth"),
-        (b"garbage", "junk.pt", "refusing to load .*junk.pt"),  # not even a pickle
+        (b"garbage", "junk.pt", "junk.pt is not a weights file"),  # not even a pickle
     ],
 )
 def test_unreadable_weights_files(tmp_path: Path, content: Any, name: str, match: str) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -138,11 +138,28 @@ def _os_error(error: BaseException) -> OSError | None:
     return None
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """Create ``<folder>/.<name>.<random>.tmp`` exclusively, open for writing.
+
+    Unlike ``tempfile.mkstemp`` (mode 0600) the file is created with mode 0666 less the umask,
+    applied by the kernel (so no umask is read or changed), as ``open(path, "w")`` would: the
+    renamed file has the mode the user's other files get.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"No free temporary name next to {path}")
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync it, rename it to ``path``.
 
-    Parent folders are created. On any error the temporary file is removed and ``path`` is left
-    as it was.
+    Parent folders are created. The file gets mode 0666 less the umask (a replaced file's mode is
+    not kept). On any error the temporary file is removed and ``path`` is left as it was.
 
     Raises:
         OSError: the file could not be written (disk full, read-only folder...); the message
@@ -152,7 +169,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _create_temporary(path)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

@@ -292,12 +292,16 @@ class Checkpointer:
         self.epochs, self.started = epochs, started
 
     def begin(self, cfg: TrainConfig, resume_state: Mapping[str, Any] | None) -> LoopState:
-        """Write a new run's first files, or restore everything ``last.pt`` holds."""
+        """Write a new run's first files, or restore everything ``last.pt`` holds (and write
+        ``config.yaml`` again, with ``resume`` off, if it was removed)."""
         if resume_state is None:
             self.run.write_config(cfg.to_yaml())
             self.run.reset_metrics()
             return LoopState()
         loop = self._restore(resume_state)
+        if self.run.write and not self.run.config_path.is_file():
+            logger.warning("%s was missing: written again.", self.run.config_path)
+            self.run.write_config(dataclasses.replace(cfg, resume=False).to_yaml())
         self.run.reset_metrics(loop.history)  # drops a row written after the checkpoint
         partial = loop.partial
         at = f", at step {partial['step']} of epoch {partial['epoch']}" if partial else ""

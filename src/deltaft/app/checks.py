@@ -15,10 +15,12 @@ Example:
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from deltaft.app.errors import SettingError, literal
 
-__all__ = ["above", "at_least", "exclusive", "in_range", "integer"]
+__all__ = ["above", "at_least", "exclusive", "in_range", "integer", "outside_data"]
 
 
 def at_least(name: str, value: float, low: float) -> None:
@@ -64,4 +66,20 @@ def exclusive(one: str, one_value: object, other: str, other_value: object) -> N
         raise SettingError(
             f"Give either {{{one}}} or {{{other}}}, not both (got {one}={literal(one_value)}, "
             f"{other}={literal(other_value)})."
+        )
+
+
+def outside_data(out: str | os.PathLike[str], data: str, *, name: str = "out") -> None:
+    """The output folder ``out`` is not ``data`` (an image folder) nor inside it, symbolic links
+    resolved; else a :class:`SettingError` naming ``{name}`` and ``{data}``: the run's files
+    (PNG figures) would become images of the next run's training split. ``tv:NAME`` data is not
+    a folder and passes."""
+    if data.startswith("tv:"):
+        return
+    resolved_out = Path(out).expanduser().resolve()
+    resolved_data = Path(data).expanduser().resolve()
+    if resolved_out.is_relative_to(resolved_data):
+        raise SettingError(
+            f"{{{name}}} {literal(out)} is inside {{data}} {literal(data)}: the run's files "
+            f"would be read as training images; choose an {{{name}}} outside {{data}}."
         )

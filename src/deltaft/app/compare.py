@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deltaft.app.checks import outside_data
 from deltaft.app.config_io import read_settings_file
 from deltaft.app.errors import SettingError, literal
 from deltaft.app.results import CompareResult, CompareRow, RunResult
@@ -335,14 +336,22 @@ def run_compare(
 
     Raises:
         ValueError: an unknown or repeated method, bad seeds or settings (a
-            :class:`~deltaft.app.errors.SettingError`), or a finished run in ``out`` trained
-            with another method, seed or settings.
+            :class:`~deltaft.app.errors.SettingError`), an ``out`` inside the data folder or
+            holding a training run, or a finished run in ``out`` trained with another method,
+            seed or settings.
     """
     from deltaft.app.train import run_training
 
     methods = parse_methods(methods)
     seed_list = parse_seeds(seeds)
     out = Path(out)
+    outside_data(out, base.data)
+    if RunDir(out).holds_run():
+        raise SettingError(
+            f"{{out}} {literal(out)} holds a training run (config.yaml, checkpoints...), not a "
+            "comparison; choose another {out} (compare writes one run folder per method and "
+            "seed into it)."
+        )
     # Every run's settings are built (and validated) before the first one trains.
     plan = [
         (method, seed, _run_config(base, method, seed, out / f"{method}-seed{seed}"))

@@ -288,14 +288,33 @@ class RunDir:
             _write_text(self.metrics_path, "".join(_json_line(row) for row in rows))
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
-        """Append one JSON line to ``metrics.jsonl`` and fsync it."""
+        """Append one JSON line to ``metrics.jsonl`` and fsync it.
+
+        Raises:
+            OSError: the line could not be written (disk full, read-only file...); the message
+                names the file, and a partly written line is cut off again.
+        """
         if not self.write:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(_json_line(row))
-            handle.flush()
-            os.fsync(handle.fileno())
+        path = self.metrics_path
+        line = _json_line(row).encode("utf-8")
+        size: int | None = None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as handle:
+                size = handle.tell()
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            if size is not None:  # drop a partial line so that the file stays one row per line
+                with contextlib.suppress(OSError):
+                    os.truncate(path, size)
+            raise OSError(
+                error.errno,
+                f"Could not write {path} ({error.strerror or error}); the epoch's row was not "
+                "added",
+            ) from error
 
     def save_checkpoint(self, state: Mapping[str, Any], name: str = "last") -> None:
         if self.write:

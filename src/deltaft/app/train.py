@@ -24,6 +24,7 @@ from deltaft.app import distributed
 from deltaft.app.attention import estimate_attention, load_attention
 from deltaft.app.build import BuiltRun, build_run, make_loader, resolve_device, select_layers
 from deltaft.app.checkpoint import Checkpointer, open_run
+from deltaft.app.checks import outside_data
 from deltaft.app.config import TrainConfig
 from deltaft.app.distributed import DistInfo, ShardSampler
 from deltaft.app.errors import SettingError
@@ -99,6 +100,7 @@ def run_training(
     """
     started = time.perf_counter()
     dist = dist or distributed.current()
+    outside_data(cfg.out, cfg.data)  # before the claim creates the folder
     run = RunDir(cfg.out, write=dist.is_main)
     try:
         resume_state = open_run(run, cfg)

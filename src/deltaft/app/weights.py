@@ -132,6 +132,33 @@ def _strip_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+_OTHER_FILES = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+
+
+def _file_kind(file: Path) -> str:
+    """``"torch"`` (a ``torch.save`` zip archive or legacy pickle), ``"safetensors"`` (an 8-byte
+    little-endian header length, then the JSON header), or what the file is instead."""
+    with open(file, "rb") as handle:
+        head = handle.read(9)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        size = int.from_bytes(head[:8], "little")
+        if size < file.stat().st_size:
+            return "safetensors"
+    if not head:
+        return "an empty file"
+    for magic, name in _OTHER_FILES:
+        if head.startswith(magic):
+            return name
+    return f"it starts with {head!r}"
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a state dict from a ``.safetensors`` file or a ``torch.save`` file.
 
@@ -139,9 +166,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     and may hold a state dict or a checkpoint dict whose ``"model"`` (or ``"state_dict"``) entry is
     one. ``module.``/``_orig_mod.`` key prefixes shared by all keys are removed.
 
+    The format is recognised by the file's first bytes, not its suffix: any other file (an
+    image, a text file) is refused as not a weights file.
+
     Raises:
-        ValueError: the file is missing or unreadable, needs pickle code execution (refused), or
-            holds no state dict.
+        ValueError: the file is missing, not a weights file or unreadable, needs pickle code
+            execution (refused), or holds no state dict.
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -150,7 +180,16 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             "or the path of an existing .pt/.pth/.safetensors file."
         )
     obj: Any
-    if file.suffix == ".safetensors":
+    try:
+        kind = _file_kind(file)
+    except OSError as exc:
+        raise ValueError(f"Cannot read weights file {file} ({exc.strerror or exc}).") from exc
+    if kind != "torch" and kind != "safetensors":
+        raise ValueError(
+            f"{file} is not a weights file ({kind}); pass a .pt/.pth file written by "
+            "torch.save or a .safetensors file."
+        )
+    if kind == "safetensors":
         try:
             obj = load_safetensors(str(file), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
