@@ -190,3 +190,17 @@ def test_compare_into_a_train_run_folder_is_refused(
     [line] = _errors(err)
     assert f"--out {out} holds a training run" in line, line
     assert sorted(out.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_setting_error_inside_a_compare_job_is_one_line_with_its_flag(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Class 12: an error raised in a ``compare --jobs`` worker process reaches the command line
+    as the same one line as in one process: exit 2, the setting written as its flag."""
+    missing = tmp_path / "missing.safetensors"
+    argv = [*_compare_argv(data, tmp_path / "cmp"), "--jobs", "2", "--attention", str(missing)]
+    argv[argv.index("--methods") + 1] = "l2,delta"
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2
+    assert _errors(err) == [f"deltaft: error: --attention {missing}: no such file."]
