@@ -113,7 +113,8 @@ def test_run_summary_and_eval_count_the_readable_images(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_images"] == 8 and summary["val_images"] == 7
     assert summary["skipped"]["count"] == 5
-    code, stdout, err = run_main(capsys, "eval", "--run", str(out), "--device", "cpu")
+    argv = ["eval", "--run", str(out), "--model", MODEL, "--device", "cpu"]  # a factory: named
+    code, stdout, err = run_main(capsys, *argv)
     assert code == 0, err
     assert "(8 images;" in stdout
     assert err.count("Skipping unreadable image") == len(bad)
