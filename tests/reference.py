@@ -410,25 +410,12 @@ def ref_delta_penalty_channels_last(
     weights: dict[str, Tensor] | None = None,
     reduction: str = "sum",
 ) -> Tensor:
-    """As ref_delta_penalty for (B, H, W, C) maps: channel j is [b, :, :, j]."""
-    total = torch.zeros((), dtype=torch.float64)
-    for name in target:
-        t, s = target[name].double(), source[name].double()
-        b_size, height, width, channels = t.shape
-        layer = torch.zeros((), dtype=torch.float64)
-        for b in range(b_size):
-            for j in range(channels):
-                sq = torch.zeros((), dtype=torch.float64)
-                for h in range(height):
-                    for w in range(width):
-                        sq = sq + (t[b, h, w, j] - s[b, h, w, j]) ** 2
-                wj = 1.0 / channels if weights is None else float(weights[name][j])
-                layer = layer + channels * wj * sq / (height * width)
-        layer = 0.5 * layer
-        if reduction == "mean":
-            layer = layer / b_size
-        total = total + layer
-    return total
+    """ref_delta_penalty of (B, H, W, C) maps: channel j is [b, :, :, j], moved to axis 1."""
+
+    def bchw(maps: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: m.permute(0, 3, 1, 2) for name, m in maps.items()}  # (B, C, H, W)
+
+    return ref_delta_penalty(bchw(source), bchw(target), weights, reduction)
 
 
 def ref_removal_scores_last_axis(
