@@ -320,7 +320,7 @@ def bad_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("empty", r"Data folder .*empty has no class folders"),
         ("unreadable", r"Class folder\(s\) .*bee have no readable image"),
         ("model", r"Unknown model 'not_a_model'"),
-        ("method", r"argument --method: invalid choice: 'delta2'"),
+        ("method", r"--method: Unknown base method 'delta2'"),
         ("layer", r"'stage9' not found in TinyCNN.*deltaft layers"),
         ("alpha", r"--alpha must be >= 0, got -1.0"),
         ("yaml", r"Unknown setting\(s\) 'alpah' \(did you mean 'alpha'\?\)"),

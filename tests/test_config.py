@@ -79,7 +79,10 @@ def test_presets_exist() -> None:
         ({"alpha": -1.0}, r"--alpha must be >= 0, got -1.0"),
         ({"beta": float("nan")}, r"--beta must be >= 0"),
         ({"lr": 0.0}, r"--lr must be > 0"),
-        ({"method": "delta2"}, r"--method must be one of l2, l2sp, fm, delta; got 'delta2'"),
+        (
+            {"method": "delta2"},
+            r"--method: Unknown base method 'delta2' in 'delta2'; expected a base",
+        ),
         ({"optimizer": "adam"}, r"--optimizer must be one of sgd, adamw"),
         ({"schedule": "linear"}, r"--schedule must be one of step, exponential, cosine"),
         ({"amp": "fp8"}, r"--amp must be one of none, bf16, fp16"),

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 from deltaft.app.checks import outside_data
 from deltaft.app.config_io import read_settings_file
 from deltaft.app.errors import SettingError, literal
+from deltaft.app.methods import BASE_METHODS, MethodSpec, spec_help
 from deltaft.app.results import CompareResult, CompareRow, RunResult
 from deltaft.app.tracking import RunDir
-from deltaft.objective import METHODS
 
 if TYPE_CHECKING:
     from deltaft.app.config import TrainConfig
@@ -46,31 +46,44 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
-# Every training method, plus "scratch": method l2 from randomly initialised weights.
-COMPARE_METHODS: tuple[str, ...] = (*METHODS, SCRATCH)
+# Every base method, plus "scratch": method l2 from randomly initialised weights. Any method
+# spec (``delta+lpft+wise``) is accepted too.
+COMPARE_METHODS: tuple[str, ...] = (*BASE_METHODS, SCRATCH)
 
 
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
 def parse_methods(text: str | Sequence[str]) -> list[str]:
-    """Validate a comma-separated list (or a sequence) of methods to compare.
+    """Validate a comma-separated list (or a sequence) of method specs to compare.
+
+    Each is a method spec (:class:`~deltaft.app.methods.MethodSpec`, written back in canonical
+    order) or ``scratch`` (``l2`` from random weights).
 
     Raises:
         ValueError: empty, unknown or repeated names.
 
     Example:
-        >>> parse_methods("l2, delta,scratch")
-        ['l2', 'delta', 'scratch']
+        >>> parse_methods("l2, delta+wise+lpft,scratch")
+        ['l2', 'delta+lpft+wise', 'scratch']
     """
     names = text.split(",") if isinstance(text, str) else list(text)
-    methods = [name.strip() for name in names if name.strip()]
-    unknown = [m for m in methods if m not in COMPARE_METHODS]
-    if not methods or unknown:
+    methods = []
+    for name in (name.strip() for name in names):
+        if name.lower() == SCRATCH:
+            methods.append(SCRATCH)
+        elif name:
+            try:
+                methods.append(str(MethodSpec.parse(name)))
+            except ValueError as error:
+                raise ValueError(
+                    f"{error} In a comparison, each comma-separated entry is such a spec or "
+                    "'scratch' (l2 from random weights)."
+                ) from None
+    if not methods:
         raise ValueError(
-            f"Unknown method(s) {unknown or text!r}: expected a comma-separated list of "
-            f"{', '.join(COMPARE_METHODS)} ('scratch' is l2 from random weights), "
-            "e.g. l2,l2sp,delta."
+            f"No method in {text!r}: expected a comma-separated list of specs, each "
+            f"{spec_help()}, or 'scratch'; e.g. l2,l2sp,delta."
         )
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
@@ -125,9 +138,10 @@ def _run_config(base: TrainConfig, method: str, seed: int, run_dir: Path) -> Tra
     }
     if method == SCRATCH:
         changes["weights"] = "none"
-    if trained not in ("fm", "delta"):
+    spec = MethodSpec.parse(trained)
+    if not spec.feature_maps:
         changes["layers"] = None
-    if trained != "delta":
+    if spec.base != "delta":
         changes["attention"] = None
     return dataclasses.replace(base, **changes)
 

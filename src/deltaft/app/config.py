@@ -33,10 +33,10 @@ from deltaft.app.data import (
     check_val_split,
 )
 from deltaft.app.errors import SettingError, literal
+from deltaft.app.methods import MethodSpec, spec_help
 from deltaft.attention import BatchNormMode
 from deltaft.attention import Method as AttentionMethod
 from deltaft.engine import Amp
-from deltaft.objective import Method
 from deltaft.regularizers.functional import Reduction
 
 __all__ = [
@@ -86,7 +86,9 @@ class TrainConfig:
         model: torchvision or timm name, or ``pkg.module:factory``.
         out: the run directory.
         weights: ``imagenet``, ``none`` (random source, for tests) or a weight file.
-        method: ``l2``, ``l2sp``, ``fm`` or ``delta``.
+        method: a method spec (:mod:`deltaft.app.methods`): a base method (``l2``, ``l2sp``,
+            ``fm``, ``delta``, ...) and recipes after ``+`` (``delta+lpft+wise``); stored in
+            canonical order.
         alpha: strength of the behavioural term (``fm``, ``delta``) or of L2-SP.
         beta: strength of ``1/2 ||head||^2`` (all methods but ``l2``).
         lr: learning rate of the backbone (and of the head unless ``head_lr`` is set).
@@ -160,7 +162,7 @@ class TrainConfig:
             metavar="{imagenet,none,PATH}",
         ),
     )
-    method: Method = field(default="delta", metadata=_meta("regularization method"))
+    method: str = field(default="delta", metadata=_meta(f"method: {spec_help()}", metavar="SPEC"))
     alpha: float = field(default=0.01, metadata=_meta("strength of the feature-map / L2-SP term"))
     beta: float = field(default=0.01, metadata=_meta("strength of the new head's L2 term"))
     lr: float = field(default=0.01, metadata=_meta("learning rate"))
@@ -300,6 +302,10 @@ class TrainConfig:
             exclusive(one, getattr(self, one), other, getattr(self, other))
         if self.epochs is None and self.iterations is None:
             self.epochs = DEFAULT_EPOCHS
+        try:
+            self.method = str(MethodSpec.parse(self.method))
+        except ValueError as error:
+            raise SettingError(f"{{method}}: {literal(error)}") from None
         self._check_optimisation()
         self._check_data()
         if self.layers is not None and (
@@ -352,6 +358,11 @@ class TrainConfig:
         check_val_split(self.val_split)
         check_hflip(self.hflip)
         check_crop_scale(self.crop_scale, self.preset)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """:attr:`method` parsed: the base method and its recipes."""
+        return MethodSpec.parse(self.method)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

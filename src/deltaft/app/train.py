@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -33,14 +33,30 @@ from deltaft.app.report import BalanceWarning
 from deltaft.app.tracking import RunDir, file_sha256
 from deltaft.attention import ChannelAttention, model_fingerprint
 from deltaft.engine import Amp, ProgressFn, TrainingInterrupted
-from deltaft.objective import TransferObjective
+from deltaft.objective import METHODS, Method, TransferObjective
 from deltaft.source import FrozenSource
 
 __all__ = ["run_training"]
 
 logger = logging.getLogger(__name__)
 
-_FEATURE_METHODS = ("fm", "delta")
+# Base methods and recipes this version trains; the others parse but are refused (see
+# _check_available), so that a spec never trains as something else.
+_TRAINED_BASES = frozenset(METHODS)
+_TRAINED_RECIPES: frozenset[str] = frozenset()
+
+
+def _check_available(cfg: TrainConfig) -> None:
+    """Refuse a method spec whose base or recipes this version cannot train yet."""
+    spec = cfg.spec
+    missing = [
+        part for part in (spec.base, *spec.recipes) if part not in _TRAINED_BASES | _TRAINED_RECIPES
+    ]
+    if missing:
+        raise SettingError(
+            f"{{method}} {spec}: {', '.join(missing)} cannot be trained by this version yet; "
+            f"use a base method of {', '.join(sorted(_TRAINED_BASES))}."
+        )
 
 
 def run_training(
@@ -99,6 +115,7 @@ def run_training(
             and how to go on.
     """
     started = time.perf_counter()
+    _check_available(cfg)
     dist = dist or distributed.current()
     outside_data(cfg.out, cfg.data)  # before the claim creates the folder
     run = RunDir(cfg.out, write=dist.is_main)
@@ -146,7 +163,7 @@ def _device_tweaks(cfg: TrainConfig, device: torch.device) -> tuple[Amp, bool]:
 
 def _layers(cfg: TrainConfig, built: BuiltRun) -> list[str] | None:
     """The regularized layers (``fm``/``delta``), validated; ``None`` for the other methods."""
-    if cfg.method not in _FEATURE_METHODS:
+    if not cfg.spec.feature_maps:
         if cfg.layers:
             logger.warning("--layers ignored: method %s regularizes no feature map.", cfg.method)
         return None
@@ -215,7 +232,7 @@ def _objective(
     return TransferObjective(
         built.model,
         source,
-        cfg.method,
+        cast(Method, cfg.spec.base),  # checked by _check_available
         layers=layers,
         attention=attention,
         alpha=cfg.alpha,
@@ -316,7 +333,7 @@ def _build(
         )
     layers = _layers(cfg, built)
     attention, attention_seconds = None, 0.0
-    if cfg.method == "delta" and layers is not None:
+    if cfg.spec.base == "delta" and layers is not None:
         tic = time.perf_counter()
         attention = _attention(cfg, run, resume_state, built, layers, dist, attention_progress)
         attention_seconds = time.perf_counter() - tic

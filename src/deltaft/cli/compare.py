@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from deltaft.app.compare import COMPARE_METHODS, parse_methods, run_compare
+from deltaft.app.compare import parse_methods, run_compare
+from deltaft.app.methods import spec_help
 from deltaft.cli.options import (
     add_seeds_and_jobs_arguments,
     add_train_arguments,
@@ -61,8 +62,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=argparse_type(parse_methods),
         default=["l2", "l2sp", "delta"],
         help=(
-            f"comma-separated methods out of {', '.join(COMPARE_METHODS)}; 'scratch' is l2 from "
-            "random weights (default: l2,l2sp,delta)"
+            f"comma-separated method specs, each {spec_help()}, or 'scratch' (l2 from random "
+            "weights) (default: l2,l2sp,delta)"
         ),
     )
     add_seeds_and_jobs_arguments(parser, jobs=1, jobs_note="in this process")
