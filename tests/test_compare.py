@@ -240,9 +240,9 @@ def test_run_without_any_accuracy_is_an_error(
 def test_parse_methods() -> None:
     assert parse_methods("l2, l2sp,delta") == ["l2", "l2sp", "delta"]
     assert parse_methods(["fm", "scratch"]) == ["fm", "scratch"]
-    with raises_rendered(ValueError, r"Unknown method\(s\) \['bogus'\].*l2, l2sp, fm, delta"):
+    with raises_rendered(ValueError, r"Unknown base method 'bogus'.*l2, l2sp, fm, delta"):
         parse_methods("l2,bogus")
-    with raises_rendered(ValueError, "Unknown method"):
+    with raises_rendered(ValueError, "No method"):
         parse_methods(" , ")
     with raises_rendered(ValueError, "l2 given more than once"):
         parse_methods("l2,delta,l2")
@@ -337,7 +337,7 @@ def test_cli_takes_out_and_options_from_a_config_file(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--methods", "l2,bogus"], r"--methods: Unknown method\(s\) \['bogus'\]"),
+        (["--methods", "l2,bogus"], r"--methods: Unknown base method 'bogus'"),
         (["--seeds", "0"], "--seeds: The number of seeds must be >= 1"),
         (["--seeds", "x"], "--seeds: Seeds must be a count N"),
         (["--method", "l2"], "--method: not an option of compare; .* --methods l2,delta"),
