@@ -351,3 +351,25 @@ def test_compare_trains_cotuning_lwf_and_spd(data: Path, tmp_path: Path) -> None
         parts = {key for key in row if key.startswith("train/reg/")}
         assert parts == ({f"train/{part}"} if part else set()), method
     assert (tmp_path / "cmp" / "cotuning-seed0" / "relationship.pt").is_file()
+
+
+def test_the_balance_warning_names_lwf_strength_and_skips_cotuning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Co-Tuning's loss has a floor (the relationship's entropy, about log K): no warning."""
+    from deltaft.app.report import BalanceWarning
+
+    for method, want in (("lwf", "--lwf-trade-off 2 holds"), ("cotuning", None)):
+        balance = BalanceWarning(
+            TrainConfig(data="d", model="m", out="o", method=method, lwf_trade_off=2.0)
+        )
+        with caplog.at_level(logging.WARNING, logger="deltaft"):
+            caplog.clear()
+            for n, task in ((1, 0.9), (2, 0.95)):
+                balance(n, {"task_loss": task, f"reg/{method}": 50.0})
+        messages = [r.getMessage() for r in caplog.records]
+        if want is None:
+            assert messages == []
+        else:
+            [message] = messages
+            assert want in message and "try --lwf-trade-off 0.2." in message
