@@ -1,7 +1,9 @@
 """Question 4: accuracy of every method on the demo protocol at 10, 20 and 50 images per class.
 
 ImageNet MobileNetV2 -> MNIST-5k (the demo's fixed 3000/2000 pool/test split and its settings,
-configs/demo.yaml), 3 seeds, methods l2, l2sp, fm, delta and scratch (l2 from random weights).
+configs/demo.yaml), 3 seeds, methods l2, l2sp, fm, delta, cotuning, lwf, spd (each at its authors'
+defaults: `--cotuning-trade-off`, `--lwf-trade-off`, `--spd-lambda` of `deltaft train`) and scratch
+(l2 from random weights).
 `compare` shares one alpha across methods; `fm` (reference scaling: no 1/(H*W), no C*w) needs a
 far smaller one, so it runs as its own comparison with `--fm-alpha`. Prints one markdown table per
 training-set size and writes OUT/accuracy.md, OUT/accuracy.json and OUT/accuracy.png.
@@ -28,7 +30,7 @@ from deltaft.app.compare import CompareResult, parse_seeds
 from deltaft.app.demo import run_demo
 from deltaft.cli.options import argparse_type
 
-METHODS = ["l2", "l2sp", "delta", "scratch"]
+METHODS = ["l2", "l2sp", "delta", "cotuning", "lwf", "spd", "scratch"]
 
 
 def _sizes(text: str) -> list[int]:
@@ -56,7 +58,7 @@ def measure(
         overrides={"per_class": per_class, "alpha": fm_alpha},
         jobs=jobs,
     )
-    rows = [*main.rows[:2], *fm.rows, *main.rows[2:]]  # l2, l2sp, fm, delta, scratch
+    rows = [*main.rows[:2], *fm.rows, *main.rows[2:]]  # l2, l2sp, fm, delta, ..., scratch
     result = CompareResult(rows=rows, seeds=main.seeds, out=folder)
     result.write()
     return result

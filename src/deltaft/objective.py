@@ -20,6 +20,7 @@ from deltaft.regularizers.modules import (
     L2Regularizer,
     L2SPRegularizer,
 )
+from deltaft.regularizers.source_head import CoTuningRegularizer, LwFRegularizer, kept_head
 from deltaft.source import FrozenSource
 
 if TYPE_CHECKING:
@@ -27,8 +28,12 @@ if TYPE_CHECKING:
 
 __all__ = ["METHODS", "Method", "TransferObjective"]
 
-Method = Literal["l2", "l2sp", "fm", "delta"]
-METHODS: tuple[str, ...] = ("l2", "l2sp", "fm", "delta")
+Method = Literal["l2", "l2sp", "fm", "delta", "cotuning", "lwf"]
+METHODS: tuple[str, ...] = ("l2", "l2sp", "fm", "delta", "cotuning", "lwf")
+# Methods regularized by weight decay (param_groups), as their authors' code: no reg/head.
+_DECAY_METHODS = ("l2", "cotuning", "lwf")
+# Parts computed by a kept copy of the source head from the new head's input.
+_KEPT_HEAD_PARTS = ("reg/cotuning", "reg/lwf")
 # Parts computed from the source's and the target's feature maps; the others from parameters.
 _MAP_PARTS = ("reg/delta", "reg/fm")
 # Parts computed from the head's input features (B, D).
@@ -48,7 +53,18 @@ class TransferObjective(nn.Module):
                reg/fm   = alpha * feature_map_penalty(FM_s, FM_t, reduction)
         delta: loss = CE + reg/delta + reg/head
                reg/delta = alpha * delta_penalty(FM_s, FM_t, attention, reduction)
+        cotuning: loss = CE + reg/cotuning          (decay through param_groups' weight_decay)
+               reg/cotuning = alpha * cotuning_loss(kept_head(features), y, relationship)
+        lwf:   loss = CE + reg/lwf                  (decay through param_groups' weight_decay)
+               reg/lwf = alpha * distillation_penalty(kept_head(features), source logits, T)
         reg/head = beta/2 * ||head parameters||^2          (the new classifier only)
+
+    ``cotuning`` and ``lwf`` keep a trainable copy of the source's own classifier head (found
+    under the same name as the new head, :func:`~deltaft.heads.find_head`), fed with the new
+    head's input in the same forward (a pre-hook): :attr:`kept_head`, trained with the model
+    (a third group of :meth:`param_groups`) and never used for predictions. For ``lwf`` the
+    frozen source runs to that head's output (its logits). As in the authors' code both use
+    plain weight decay (``weight_decay``, on every group) and no ``reg/head``.
 
     With ``bss > 0`` (any method) Batch Spectral Shrinkage (Chen et al., NeurIPS 2019) adds::
 
@@ -77,8 +93,9 @@ class TransferObjective(nn.Module):
         attention: for ``delta``: a :class:`~deltaft.attention.ChannelAttention` (checked
             against the layers and the source's weights), a mapping of per-layer weights
             ``(C,)`` summing to 1, or ``"uniform"``.
-        alpha: strength of the behavioural term (``fm``, ``delta``) or of L2-SP.
-        beta: strength of the head term (all methods but ``l2``).
+        alpha: strength of the behavioural term (``fm``, ``delta``), of L2-SP, or of the kept
+            head's term (the authors' ``trade_off`` of ``cotuning`` and ``lwf``).
+        beta: strength of the head term (``l2sp``, ``fm``, ``delta``).
         head: dotted name of ``model``'s new head; found with :func:`~deltaft.heads.find_head`.
         reduction: ``"sum"`` over the batch (reference, ``alpha=0.01`` at batch 64) or ``"mean"``.
         weight_decay: the ``l2`` method's decay, applied by :meth:`param_groups`.
@@ -86,6 +103,9 @@ class TransferObjective(nn.Module):
         bss: strength ``eta`` of the Batch Spectral Shrinkage term on the head's input; 0 (the
             default) leaves it out.
         bss_k: how many of the smallest singular values it shrinks.
+        relationship: for ``cotuning``: the category relationship ``(C_target, K_source)``
+            (:func:`~deltaft.cotuning.estimate_relationship`).
+        lwf_temperature: the distillation temperature ``T`` of ``lwf``.
         layouts: the regularized maps' layouts by layer name (``"BCHW"``, ``"BHWC"`` for
             channels-last maps such as Swin's, ``"BNC"`` for tokens); ``None``: found by
             :func:`~deltaft.layers.detect_layouts` from dry forwards of ``model`` at
@@ -122,9 +142,12 @@ class TransferObjective(nn.Module):
         bss: float = 0.0,
         bss_k: int = 1,
         layouts: Mapping[str, Layout] | None = None,
+        relationship: Tensor | None = None,
+        lwf_temperature: float = 3.0,
     ) -> None:
         super().__init__()
         _check_arguments(method, layers, attention, alpha, beta, weight_decay)
+        _check_source_head_arguments(method, relationship)
         _check_bss(bss, bss_k)
         self.bss, self.bss_k = float(bss), bss_k
         self.model = model
@@ -139,16 +162,19 @@ class TransferObjective(nn.Module):
         if method in ("fm", "delta"):
             self.layers = self._resolve_layers(layers, attention, source, input_size)
             self.layouts = self._resolve_layouts(layouts, input_size)
+        # lwf's teacher: the frozen source run to its head's output (its logits).
+        source_layers = [self.head] if method == "lwf" else self.layers
         if isinstance(source, FrozenSource):
             self.source = source
-            if self.layers and set(source.layers) != set(self.layers):
+            if source_layers and set(source.layers) != set(source_layers):
                 raise ValueError(
                     f"The FrozenSource computes the maps of layers {source.layers}, but layers "
-                    f"{self.layers} are regularized; build it with the same layers."
+                    f"{source_layers} are needed; build it with the same layers."
                 )
         else:
-            self.source = FrozenSource(source, self.layers)
-        self.terms = nn.ModuleDict(self._build_terms(attention, reduction))
+            self.source = FrozenSource(source, source_layers)
+        self.lwf_temperature = float(lwf_temperature)
+        self.terms = nn.ModuleDict(self._build_terms(attention, reduction, relationship))
 
     # -- construction helpers -------------------------------------------------------------------
     def _resolve_layers(
@@ -174,7 +200,9 @@ class TransferObjective(nn.Module):
             channel_axis(layouts[name])  # each map is checked against its rank in the penalty
         return {name: layouts[name] for name in self.layers}
 
-    def _build_terms(self, attention: Any, reduction: RF.Reduction) -> dict[str, nn.Module]:
+    def _build_terms(
+        self, attention: Any, reduction: RF.Reduction, relationship: Tensor | None = None
+    ) -> dict[str, nn.Module]:
         """The regularizers by the part they produce, in the order they are added to the loss."""
         terms: dict[str, nn.Module] = {}
         if self.method == "fm":
@@ -184,7 +212,14 @@ class TransferObjective(nn.Module):
             terms["reg/delta"] = DeltaRegularizer(self.layers, weights, reduction, self.layouts)
         elif self.method == "l2sp":
             terms["reg/l2sp"] = L2SPRegularizer(self._source_reference())
-        if self.method != "l2":
+        elif self.method == "cotuning":
+            assert relationship is not None  # _check_source_head_arguments
+            head = kept_head(_source_head(self.source.network, self.head))
+            terms["reg/cotuning"] = CoTuningRegularizer(head, relationship)
+        elif self.method == "lwf":
+            head = kept_head(_source_head(self.source.network, self.head))
+            terms["reg/lwf"] = LwFRegularizer(head, self.lwf_temperature)
+        if self.method not in _DECAY_METHODS:
             terms["reg/head"] = L2Regularizer(self.head_names)
         if self.bss > 0:
             terms["reg/bss"] = BSSRegularizer(self.bss_k)
@@ -216,18 +251,30 @@ class TransferObjective(nn.Module):
         return reference
 
     # -- public API -----------------------------------------------------------------------------
+    @property
+    def kept_head(self) -> nn.Module | None:
+        """The trainable copy of the source head (``cotuning``, ``lwf``), else ``None``."""
+        for part in _KEPT_HEAD_PARTS:
+            if part in self.terms:
+                term = self.terms[part]
+                assert isinstance(term, (CoTuningRegularizer, LwFRegularizer))
+                return term.head
+        return None
+
     def param_groups(
         self, lr: float | None = None, head_lr: float | None = None
     ) -> list[dict[str, Any]]:
-        """Optimizer parameter groups for ``model``: ``backbone`` and ``head``.
+        """Optimizer parameter groups for ``model``: ``backbone`` and ``head``, then
+        ``source_head`` (the kept source head of ``cotuning`` and ``lwf``, at ``lr``).
 
-        ``weight_decay`` is the objective's for method ``l2`` and 0 otherwise (the other methods
-        regularize explicitly). ``lr`` / ``head_lr`` are set on the groups when given.
+        ``weight_decay`` is the objective's for methods ``l2``, ``cotuning`` and ``lwf`` and 0
+        otherwise (the other methods regularize explicitly). ``lr`` / ``head_lr`` are set on
+        the groups when given.
 
         Example:
             ``torch.optim.SGD(objective.param_groups(lr=0.01), lr=0.01, momentum=0.9)``
         """
-        decay = self.weight_decay if self.method == "l2" else 0.0
+        decay = self.weight_decay if self.method in _DECAY_METHODS else 0.0
         params = dict(self.model.named_parameters())
         head = [params[n] for n in self.head_names]
         backbone = [p for n, p in params.items() if n not in self.head_names]
@@ -240,6 +287,9 @@ class TransferObjective(nn.Module):
         ):
             if group_lr is not None:
                 group["lr"] = group_lr
+        if self.kept_head is not None:
+            kept = {"name": "source_head", "params": list(self.kept_head.parameters())}
+            groups.append({**kept, "weight_decay": decay, **({"lr": lr} if lr else {})})
         return [g for g in groups if g["params"]]
 
     def _strength(self, part: str) -> float:
@@ -257,7 +307,7 @@ class TransferObjective(nn.Module):
         return logits_of(self.model(x)), {}
 
     def _run_model_with_head_input(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """:meth:`_run_model` plus the head's input flattened to ``(B, D)``, from a pre-hook."""
+        """:meth:`_run_model` plus the head's input (as the head receives it), from a pre-hook."""
         inputs: list[Tensor] = []
 
         def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -270,25 +320,36 @@ class TransferObjective(nn.Module):
             handle.remove()
         if len(inputs) != 1:
             raise ValueError(
-                f"BSS needs the head {self.head!r} to run once per forward, but it ran "
-                f"{len(inputs)} times; name the classifier the model calls once with head=."
+                f"{self._head_input_user()} needs the head {self.head!r} to run once per "
+                f"forward, but it ran {len(inputs)} times; name the classifier the model calls "
+                "once with head=."
             )
-        return logits, target_maps, inputs[0].flatten(1)  # (B, D)
+        return logits, target_maps, inputs[0]
+
+    def _head_input_user(self) -> str:
+        """Who needs the head's input, for error messages."""
+        return "BSS" if self.kept_head is None else f"Method {self.method!r}"
 
     def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         features: Tensor | None = None
-        if "reg/bss" in self.terms:
+        if "reg/bss" in self.terms or self.kept_head is not None:
             logits, target_maps, features = self._run_model_with_head_input(x)
         else:
             logits, target_maps = self._run_model(x)
         task_loss = F.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "task_loss": task_loss}
         loss = task_loss
-        source_maps = self.source(x, target_training=self.model.training) if self.layers else {}
+        source_maps = (
+            self.source(x, target_training=self.model.training) if self.source.layers else {}
+        )
         params = dict(self.model.named_parameters()) if self.terms else {}
         for part, term in self.terms.items():
             if part in _FEATURE_PARTS:
-                value = term(features)
+                value = term(features.flatten(1))  # type: ignore[union-attr]  # (B, D)
+            elif part == "reg/lwf":
+                value = term(features, source_maps[self.head])
+            elif part == "reg/cotuning":
+                value = term(features, y)
             elif part in _MAP_PARTS:
                 value = term(source_maps, target_maps)
             else:
@@ -315,7 +376,7 @@ def _check_arguments(
             raise ValueError(f"{label} must be >= 0, got {value}.")
     if method != "delta" and attention is not None:
         raise ValueError(f"attention is only used by method 'delta', not {method!r}.")
-    if method in ("l2", "l2sp") and layers is not None:
+    if method not in ("fm", "delta") and layers is not None:
         raise ValueError(f"layers are only used by methods 'fm' and 'delta', not {method!r}.")
     if method == "delta" and attention is None:
         raise ValueError(
@@ -324,6 +385,27 @@ def _check_arguments(
         )
     if isinstance(attention, str) and attention != "uniform":
         raise ValueError(f"attention must be 'uniform' or weights, got {attention!r}.")
+
+
+def _check_source_head_arguments(method: str, relationship: Tensor | None) -> None:
+    if method == "cotuning" and relationship is None:
+        raise ValueError(
+            "method 'cotuning' needs the category relationship: pass "
+            "relationship=deltaft.cotuning.estimate_relationship(...)."
+        )
+    if method != "cotuning" and relationship is not None:
+        raise ValueError(f"relationship is only used by method 'cotuning', not {method!r}.")
+
+
+def _source_head(network: nn.Module, head: str) -> nn.Module:
+    """The source's own classifier, under the name of the model's new head."""
+    try:
+        return get_submodule(network, head)
+    except (AttributeError, ValueError, KeyError):
+        raise ValueError(
+            f"The source network has no module {head!r} (the model's head); cotuning and lwf "
+            "keep the source's classifier there: name it with head=."
+        ) from None
 
 
 def _check_bss(bss: float, bss_k: int) -> None:

@@ -272,6 +272,9 @@ class Checkpointer:
         optimizer, scheduler, scaler: saved in, and restored from, ``last.pt``.
         epochs: the run's number of epochs (recorded in ``last.pt``).
         started: ``time.perf_counter()`` when this process started the run.
+        extra: trained modules outside ``model`` (the kept source head of ``cotuning`` and
+            ``lwf``), by name: saved in, and restored from, ``last.pt``'s ``extra`` only (never
+            in ``best.pt``, which evaluation reads).
     """
 
     def __init__(
@@ -285,7 +288,9 @@ class Checkpointer:
         scaler: torch.amp.GradScaler | None,
         epochs: int,
         started: float,
+        extra: Mapping[str, nn.Module] | None = None,
     ) -> None:
+        self.extra = dict(extra or {})
         self.run, self.meta = run, dict(meta)
         self.model, self.optimizer = model, optimizer
         self.scheduler, self.scaler = scheduler, scaler
@@ -319,6 +324,8 @@ class Checkpointer:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
+            for name, module in self.extra.items():
+                module.load_state_dict(state["extra"][name])
             restore_rng_state(state["rng"])
             best = Best(**state["best"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
@@ -357,6 +364,7 @@ class Checkpointer:
             "best": dataclasses.asdict(loop.best),
             "metrics": loop.history,
             "seconds": self.seconds(loop),
+            **({"extra": {k: m.state_dict() for k, m in self.extra.items()}} if self.extra else {}),
         }
 
     def save_epoch(self, loop: LoopState, row: Mapping[str, Any]) -> None:

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ __all__ = [
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "exponential", "cosine"]
 SourceBN = Literal["running", "batch"]
+Relationship = Literal["reverse", "direct"]
 
 DEFAULT_EPOCHS = 10
 # Pairs of settings of which a run takes one at most; a later source that sets one drops the other.
@@ -95,7 +97,8 @@ class TrainConfig:
         head_lr: learning rate of the new head; ``None`` means ``lr``.
         momentum: SGD momentum (ignored by AdamW).
         optimizer: ``sgd`` or ``adamw``.
-        weight_decay: the ``l2`` method's weight decay; the other methods use none.
+        weight_decay: the weight decay of ``l2``, ``cotuning`` and ``lwf`` (as their authors');
+            the other methods use none.
         batch_size: images per step (per process under ``torchrun``).
         epochs: passes over the training set; exclusive with ``iterations``; 10 when neither.
         iterations: optimizer steps in total; the last epoch stops early.
@@ -138,6 +141,12 @@ class TrainConfig:
         resume: continue the run in ``out`` from ``checkpoints/last.pt``.
         download: let torchvision datasets (``tv:NAME``) download.
         data_root: where ``tv:NAME`` datasets live.
+        cotuning_trade_off: weight of the Co-Tuning loss of the kept source head.
+        cotuning_relationship: Co-Tuning's category-relationship estimator, ``reverse`` or
+            ``direct`` (:func:`~deltaft.cotuning.estimate_relationship`).
+        lwf_trade_off: weight of LwF's distillation penalty (which has the ``T^2`` factor).
+        lwf_temperature: LwF's distillation temperature ``T``.
+        spd_lambda: strength of SPD's selective projection (the optimizer's ``weight_decay``).
     """
 
     data: str = field(
@@ -171,7 +180,9 @@ class TrainConfig:
     )
     momentum: float = field(default=0.9, metadata=_meta("SGD momentum"))
     optimizer: Optimizer = field(default="sgd", metadata=_meta("optimizer"))
-    weight_decay: float = field(default=1e-4, metadata=_meta("weight decay of method l2"))
+    weight_decay: float = field(
+        default=1e-4, metadata=_meta("weight decay of methods l2, cotuning and lwf")
+    )
     batch_size: int = field(default=32, metadata=_meta("images per step, per process"))
     epochs: int | None = field(default=None, metadata=_meta(f"epochs (default: {DEFAULT_EPOCHS})"))
     iterations: int | None = field(
@@ -282,6 +293,38 @@ class TrainConfig:
         default=None,
         metadata=_meta("where tv:NAME datasets live", metavar="DIR", runtime=True),
     )
+    # -- base methods that keep the source head or anchor in the optimizer (cotuning, lwf, spd)
+    cotuning_trade_off: float = field(
+        default=2.3,
+        metadata=_meta(
+            "weight of Co-Tuning's loss on the kept source head (default: {default}, "
+            "thuml/CoTuning train.py)"
+        ),
+    )
+    cotuning_relationship: Relationship = field(
+        default="reverse",
+        metadata=_meta(
+            "Co-Tuning's relationship estimator: reverse (thuml/CoTuning's default; fitted on "
+            "the validation split, else on a held-out fifth of the training images) or direct"
+        ),
+    )
+    lwf_trade_off: float = field(
+        default=4 / 9,
+        metadata=_meta(
+            "weight of LwF's distillation T^2*KL (default: 4/9 = the peer library's 4 at T=3, "
+            "tllib lwf.py, whose KL lacks T^2)"
+        ),
+    )
+    lwf_temperature: float = field(
+        default=3.0, metadata=_meta("LwF's distillation temperature T (tllib lwf.py)")
+    )
+    spd_lambda: float = field(
+        default=1.0,
+        metadata=_meta(
+            "SPD's projection strength (GT-RIPL AdamSPD's weight_decay; the authors' code sets "
+            "none, 1 projects a step back to its previous distance)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         """Coerce every value to its field's type, then check it.
@@ -338,6 +381,13 @@ class TrainConfig:
         at_least("alpha", self.alpha, 0.0)
         at_least("beta", self.beta, 0.0)
         at_least("weight_decay", self.weight_decay, 0.0)
+        # -- cotuning, lwf, spd
+        at_least("cotuning_trade_off", self.cotuning_trade_off, 0.0)
+        at_least("lwf_trade_off", self.lwf_trade_off, 0.0)
+        in_range(
+            "lwf_temperature", self.lwf_temperature, 0.0, math.inf, left_open=True, right_open=True
+        )
+        at_least("spd_lambda", self.spd_lambda, 0.0)
         above("lr", self.lr, 0.0)
         if self.head_lr is not None:
             above("head_lr", self.head_lr, 0.0)

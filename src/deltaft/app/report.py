@@ -71,7 +71,13 @@ class BalanceWarning:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.alpha, self.beta = cfg.alpha, cfg.beta
-        self.reported = False
+        self.strength, self.setting = "alpha", f"--alpha {cfg.alpha:g} (--beta {cfg.beta:g})"
+        if cfg.spec.base == "lwf":  # its strength is another setting (no beta term)
+            self.alpha = cfg.lwf_trade_off
+            self.strength, self.setting = "lwf-trade-off", f"--lwf-trade-off {self.alpha:g}"
+        # Co-Tuning's loss never falls below the entropy of the relationship (about log K,
+        # K source classes): its ratio says nothing about harm, so it never warns.
+        self.reported = cfg.spec.base == "cotuning"
         self._previous: float | None = None  # the previous epoch's task loss
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> float | None:
@@ -84,15 +90,15 @@ class BalanceWarning:
             self.reported = True
             logger.warning(
                 "epoch %d: the task loss stopped falling (%.4g -> %.4g) while the regularizer is "
-                "%.3g times it: --alpha %g (--beta %g) holds the weights too close to the source "
-                "to fit the new classes; try --alpha %g. metrics.jsonl logs the ratio of every "
+                "%.3g times it: %s holds the weights too close to the source "
+                "to fit the new classes; try --%s %g. metrics.jsonl logs the ratio of every "
                 "epoch (train/reg_to_task).",
                 epoch,
                 previous,
                 task,
                 ratio,
-                self.alpha,
-                self.beta,
+                self.setting,
+                self.strength,
                 self.alpha / 10,
             )
         return ratio

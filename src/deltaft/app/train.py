@@ -15,12 +15,12 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from deltaft.app import distributed
+from deltaft.app import anchored, distributed
 from deltaft.app.attention import estimate_attention, load_attention
 from deltaft.app.build import BuiltRun, build_run, make_loader, resolve_device, select_layers
 from deltaft.app.checkpoint import Checkpointer, open_run
@@ -33,7 +33,7 @@ from deltaft.app.report import BalanceWarning
 from deltaft.app.tracking import RunDir, file_sha256
 from deltaft.attention import ChannelAttention, model_fingerprint
 from deltaft.engine import Amp, ProgressFn, TrainingInterrupted
-from deltaft.objective import METHODS, Method, TransferObjective
+from deltaft.objective import METHODS, TransferObjective
 from deltaft.source import FrozenSource
 
 __all__ = ["run_training"]
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # Base methods and recipes this version trains; the others parse but are refused (see
 # _check_available), so that a spec never trains as something else.
-_TRAINED_BASES = frozenset(METHODS)
+_TRAINED_BASES = frozenset(METHODS) | {"spd"}
 _TRAINED_RECIPES: frozenset[str] = frozenset()
 
 
@@ -226,21 +226,25 @@ def _objective(
     built: BuiltRun,
     layers: list[str] | None,
     attention: ChannelAttention | None,
+    relationship: torch.Tensor | None = None,
 ) -> TransferObjective:
     """The training objective: ``built.model`` regularized towards ``built.source``."""
-    source = FrozenSource(built.source, layers or [], bn=cfg.source_bn, mkldnn=cfg.source_mkldnn)
+    hooked = anchored.source_layers(cfg, built, layers)
+    source = FrozenSource(built.source, hooked, bn=cfg.source_bn, mkldnn=cfg.source_mkldnn)
     return TransferObjective(
         built.model,
         source,
-        cast(Method, cfg.spec.base),  # checked by _check_available
+        anchored.objective_method(cfg),  # checked by _check_available
         layers=layers,
         attention=attention,
-        alpha=cfg.alpha,
+        alpha=anchored.objective_strength(cfg),
         beta=cfg.beta,
         head=built.head,
         reduction=cfg.reduction,
-        weight_decay=cfg.weight_decay,
+        weight_decay=0.0 if cfg.spec.base == "spd" else cfg.weight_decay,
         input_size=built.image_size,
+        relationship=relationship,
+        lwf_temperature=cfg.lwf_temperature,
     )
 
 
@@ -283,6 +287,8 @@ def _loaders(cfg: TrainConfig, built: BuiltRun, dist: DistInfo) -> Loaders:
 
 def _optimizer(cfg: TrainConfig, objective: TransferObjective) -> torch.optim.Optimizer:
     groups = objective.param_groups(lr=cfg.lr, head_lr=cfg.head_lr)
+    if cfg.spec.base == "spd":
+        return anchored.spd_optimizer(cfg, groups)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -340,7 +346,11 @@ def _build(
         layers = attention.layers if cfg.layers is None else layers
     elif cfg.attention:
         logger.warning("--attention ignored: method %s uses no attention.", cfg.method)
-    objective = _objective(cfg, built, layers, attention).to(device)
+    anchored.warn_unused_settings(cfg)
+    relationship = None
+    if cfg.spec.base == "cotuning":
+        relationship = anchored.run_relationship(cfg, run, resume_state, built, dist)
+    objective = _objective(cfg, built, layers, attention, relationship).to(device)
     if channels_last:
         objective.to(memory_format=torch.channels_last)
     loaders = _loaders(cfg, built, dist)
@@ -367,7 +377,15 @@ def _build(
         scaler=scaler,
         epochs=epochs,
         started=started,
+        extra={} if objective.kept_head is None else {"kept_head": objective.kept_head},
     )
+    if relationship is not None and dist.is_main:  # every checkpoint names the file (resume)
+        relationship_file = run.path / anchored.RELATIONSHIP_FILE
+        checkpointer.meta["relationship_sha256"] = (
+            anchored.save_relationship(run, relationship, cfg)
+            if resume_state is None
+            else file_sha256(relationship_file)
+        )
     loop = checkpointer.begin(cfg, resume_state)
     if attention is not None and dist.is_main:
         if resume_state is None:
