@@ -18,6 +18,7 @@ __all__ = [
     "LAYOUTS",
     "Layout",
     "channel_axis",
+    "check_declared",
     "declared_layout",
     "layout_from_two_sizes",
     "layout_of",
@@ -90,6 +91,33 @@ def layout_from_two_sizes(first: tuple[int, ...], second: tuple[int, ...] | None
         if _RANK[layout] == len(first) and stays == {axis}:
             return cast(Layout, layout)
     return None
+
+
+def check_declared(
+    name: str, layout: Layout, first: tuple[int, ...], second: tuple[int, ...] | None
+) -> None:
+    """Refuse a declared ``layout`` whose channel axis changes size with the input size.
+
+    ``first`` and ``second`` are the layer's output shapes at an input size and at twice it
+    (``second=None``: the model takes one size only, and the declaration is trusted). The channel
+    axis keeps its size; an axis that scales with the image holds positions (rows, columns or
+    tokens), and reading it as channels would weight positions. The rank is checked by
+    :func:`layout_of`.
+
+    Raises:
+        ValueError: the declared channel axis changes size; the message names the layout the
+            shapes show, when they show one.
+    """
+    axis = channel_axis(layout)
+    if second is None or len(second) != len(first) or first[axis] == second[axis]:
+        return
+    seen = layout_from_two_sizes(first, second)
+    hint = f"its map is {seen}; declare {seen}" if seen else "declare the layout it outputs"
+    raise ValueError(
+        f"Layer {name!r} is declared {layout}, but axis {axis} of its map changes with the input "
+        f"size ({first}, then {second} at twice the size): it holds positions, not channels; "
+        f"{hint} (layouts= in the library, --layout on the command line)."
+    )
 
 
 def declared_layout(model: nn.Module, shape: tuple[int, ...]) -> Layout | None:

@@ -86,11 +86,12 @@ class TransferObjective(nn.Module):
         bss: strength ``eta`` of the Batch Spectral Shrinkage term on the head's input; 0 (the
             default) leaves it out.
         bss_k: how many of the smallest singular values it shrinks.
-        layouts: the regularized maps' layouts by layer name (``"BCHW"``, ``"BHWC"`` for
-            channels-last maps such as Swin's, ``"BNC"`` for tokens); ``None``: found by
-            :func:`~deltaft.layers.detect_layouts` from dry forwards of ``model`` at
-            ``input_size`` and twice that, an error when it cannot decide. Kept in
-            :attr:`layouts`.
+        layouts: the regularized maps' layouts by layer name, or one for all (``"BCHW"``,
+            ``"BHWC"`` for channels-last maps such as Swin's, ``"BNC"`` for tokens), e.g. from
+            :func:`~deltaft.layers.check_layers`; each map is checked against its layout's rank
+            in every forward. ``None``: found by :func:`~deltaft.layers.detect_layouts` from dry
+            forwards of ``model`` at ``input_size`` and twice that, an error that says how to
+            declare them when it cannot decide. Kept in :attr:`layouts`.
 
     Example:
         >>> import copy, torch, torchvision
@@ -121,7 +122,7 @@ class TransferObjective(nn.Module):
         input_size: int = 224,
         bss: float = 0.0,
         bss_k: int = 1,
-        layouts: Mapping[str, Layout] | None = None,
+        layouts: Mapping[str, Layout] | Layout | None = None,
     ) -> None:
         super().__init__()
         _check_arguments(method, layers, attention, alpha, beta, weight_decay)
@@ -163,10 +164,13 @@ class TransferObjective(nn.Module):
         return default_layers(self.model, input_size=input_size)
 
     def _resolve_layouts(
-        self, layouts: Mapping[str, Layout] | None, input_size: int
+        self, layouts: Mapping[str, Layout] | Layout | None, input_size: int
     ) -> dict[str, Layout]:
         if layouts is None:
             return detect_layouts(self.model, self.layers, input_size=input_size)
+        if isinstance(layouts, str):
+            channel_axis(layouts)  # checks the name
+            return dict.fromkeys(self.layers, layouts)
         missing = [n for n in self.layers if n not in layouts]
         if missing:
             raise ValueError(f"No layout for layers {missing}; layouts cover {sorted(layouts)}.")

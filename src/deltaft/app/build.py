@@ -14,20 +14,20 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
-from deltaft.app.config import TrainConfig
+from deltaft.app.config import LayoutSetting, TrainConfig
 from deltaft.app.data import DataSplits, SampleSeeds, SeededDataset, build_datasets
 from deltaft.app.distributed import DistInfo
 from deltaft.app.errors import SettingError
 from deltaft.app.models import ModelInfo, build_model
 from deltaft.heads import replace_head
-from deltaft.layers import default_layers, validate_layers
+from deltaft.layers import Layout, check_layers, default_layers, validate_layers
 
 __all__ = [
     "BuiltRun",
@@ -38,6 +38,7 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "select_layers",
+    "select_layers_and_layouts",
     "verify_data",
 ]
 
@@ -193,6 +194,29 @@ def select_layers(names: Sequence[str] | None, model: nn.Module, image_size: int
     layers = names or default_layers(model, input_size=image_size)
     validate_layers(model, layers, input_size=image_size)
     return list(layers)
+
+
+def select_layers_and_layouts(
+    names: Sequence[str] | None,
+    model: nn.Module,
+    image_size: int,
+    layout: LayoutSetting = "auto",
+) -> tuple[list[str], dict[str, Layout]]:
+    """:func:`select_layers` and the layers' layouts, decided once for the whole run.
+
+    ``layout`` is the ``layout`` setting: ``auto`` detects each layer's layout from dry forwards
+    at two input sizes; ``BCHW``, ``BHWC`` or ``BNC`` declares it for every layer, checked
+    against the same forwards (:func:`~deltaft.layers.check_layers`). The objective and the
+    attention estimation both take the result, so they read the maps on the same axis.
+
+    Raises:
+        ValueError: a name that is not a layer of ``model`` with a feature-map output, a layout
+            that cannot be decided (the message says to pass ``--layout``) or a declared one
+            that the maps contradict.
+    """
+    layers = list(names or default_layers(model, input_size=image_size))
+    declared = None if layout == "auto" else cast(Layout, layout)
+    return layers, check_layers(model, layers, input_size=image_size, layouts=declared)
 
 
 @dataclass

@@ -51,6 +51,7 @@ __all__ = [
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "exponential", "cosine"]
 SourceBN = Literal["running", "batch"]
+LayoutSetting = Literal["auto", "BCHW", "BHWC", "BNC"]
 
 DEFAULT_EPOCHS = 10
 # Pairs of settings of which a run takes one at most; a later source that sets one drops the other.
@@ -136,6 +137,12 @@ class TrainConfig:
         resume: continue the run in ``out`` from ``checkpoints/last.pt``.
         download: let torchvision datasets (``tv:NAME``) download.
         data_root: where ``tv:NAME`` datasets live.
+        layout: the layout of every regularized layer's map: ``auto`` (detected by
+            :func:`~deltaft.layers.check_layers`), ``BCHW``, ``BHWC`` or ``BNC`` (checked against
+            the same dry forwards); decided once per run for the objective and the attention.
+        exclude_prefix_tokens: leave the first tokens of ``(B, N, C)`` maps (class,
+            distillation, register tokens) out of the penalty and the attention scores; their
+            count is the model's declaration (:func:`deltaft.app.models.prefix_token_count`).
     """
 
     data: str = field(
@@ -279,6 +286,22 @@ class TrainConfig:
     data_root: str | None = field(
         default=None,
         metadata=_meta("where tv:NAME datasets live", metavar="DIR", runtime=True),
+    )
+
+    # -- feature-map layouts and prefix tokens (issue #11) ----------------------------------------
+    layout: LayoutSetting = field(
+        default="auto",
+        metadata=_meta(
+            "layout of every regularized layer's map: auto (found by dry forwards at two input "
+            "sizes), BCHW, BHWC (channels last) or BNC (tokens)"
+        ),
+    )
+    exclude_prefix_tokens: bool = field(
+        default=False,
+        metadata=_meta(
+            "leave the class/distillation/register tokens of (B, N, C) maps out of the penalty "
+            "and the attention scores; their count is the model's (default: included)"
+        ),
     )
 
     def __post_init__(self) -> None:

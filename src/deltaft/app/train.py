@@ -22,7 +22,13 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from deltaft.app import distributed
 from deltaft.app.attention import estimate_attention, load_attention
-from deltaft.app.build import BuiltRun, build_run, make_loader, resolve_device, select_layers
+from deltaft.app.build import (
+    BuiltRun,
+    build_run,
+    make_loader,
+    resolve_device,
+    select_layers_and_layouts,
+)
 from deltaft.app.checkpoint import Checkpointer, open_run
 from deltaft.app.checks import outside_data
 from deltaft.app.config import TrainConfig
@@ -33,6 +39,7 @@ from deltaft.app.report import BalanceWarning
 from deltaft.app.tracking import RunDir, file_sha256
 from deltaft.attention import ChannelAttention, model_fingerprint
 from deltaft.engine import Amp, ProgressFn, TrainingInterrupted
+from deltaft.layers import Layout
 from deltaft.objective import TransferObjective
 from deltaft.source import FrozenSource
 
@@ -144,13 +151,14 @@ def _device_tweaks(cfg: TrainConfig, device: torch.device) -> tuple[Amp, bool]:
     return amp, channels_last
 
 
-def _layers(cfg: TrainConfig, built: BuiltRun) -> list[str] | None:
-    """The regularized layers (``fm``/``delta``), validated; ``None`` for the other methods."""
+def _layers(cfg: TrainConfig, built: BuiltRun) -> tuple[list[str] | None, dict[str, Layout]]:
+    """The regularized layers (``fm``/``delta``), validated, and their layouts, decided once;
+    ``(None, {})`` for the other methods."""
     if cfg.method not in _FEATURE_METHODS:
         if cfg.layers:
             logger.warning("--layers ignored: method %s regularizes no feature map.", cfg.method)
-        return None
-    return select_layers(cfg.layers, built.model, built.image_size)
+        return None, {}
+    return select_layers_and_layouts(cfg.layers, built.model, built.image_size, cfg.layout)
 
 
 def _attention(
@@ -159,6 +167,7 @@ def _attention(
     resume_state: Mapping[str, Any] | None,
     built: BuiltRun,
     layers: list[str],
+    layouts: Mapping[str, Layout],
     dist: DistInfo,
     progress: bool,
 ) -> ChannelAttention:
@@ -177,7 +186,15 @@ def _attention(
     if dist.is_main:
         train, classes = built.splits.train, len(built.classes)
         estimated = estimate_attention(
-            cfg, built.source, train, layers, classes, built.head, built.device, progress=progress
+            cfg,
+            built.source,
+            train,
+            layers,
+            classes,
+            built.head,
+            built.device,
+            progress=progress,
+            layouts=layouts,
         )
     return dist.broadcast_object(estimated)
 
@@ -209,6 +226,7 @@ def _objective(
     built: BuiltRun,
     layers: list[str] | None,
     attention: ChannelAttention | None,
+    layouts: Mapping[str, Layout],
 ) -> TransferObjective:
     """The training objective: ``built.model`` regularized towards ``built.source``."""
     source = FrozenSource(built.source, layers or [], bn=cfg.source_bn, mkldnn=cfg.source_mkldnn)
@@ -224,6 +242,7 @@ def _objective(
         reduction=cfg.reduction,
         weight_decay=cfg.weight_decay,
         input_size=built.image_size,
+        layouts=dict(layouts) if layers else None,
     )
 
 
@@ -314,16 +333,21 @@ def _build(
             f"the run in {run.path} started from; resume with the same weights or start a "
             "new {out}."
         )
-    layers = _layers(cfg, built)
+    layers, layouts = _layers(cfg, built)
     attention, attention_seconds = None, 0.0
     if cfg.method == "delta" and layers is not None:
         tic = time.perf_counter()
-        attention = _attention(cfg, run, resume_state, built, layers, dist, attention_progress)
+        attention = _attention(
+            cfg, run, resume_state, built, layers, layouts, dist, attention_progress
+        )
         attention_seconds = time.perf_counter() - tic
-        layers = attention.layers if cfg.layers is None else layers
+        if cfg.layers is None and attention.layers != layers:  # a loaded file's layers
+            layers, layouts = select_layers_and_layouts(
+                attention.layers, built.model, built.image_size, cfg.layout
+            )
     elif cfg.attention:
         logger.warning("--attention ignored: method %s uses no attention.", cfg.method)
-    objective = _objective(cfg, built, layers, attention).to(device)
+    objective = _objective(cfg, built, layers, attention, layouts).to(device)
     if channels_last:
         objective.to(memory_format=torch.channels_last)
     loaders = _loaders(cfg, built, dist)
