@@ -18,6 +18,12 @@ from deltaft.attention import channel_removal_scores
 from deltaft.layers import detect_layouts, validate_layers
 from deltaft.regularizers import DeltaRegularizer, FeatureMapRegularizer
 from deltaft.regularizers import functional as RF
+from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    one_thread,
+    restore_logging,
+    run_main,
+    write_images,
+)
 from tests.reference import (
     ref_delta_penalty,
     ref_delta_penalty_channels_last,
@@ -430,8 +436,6 @@ def test_the_attention_command_weights_the_channels_of_a_channels_last_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from safetensors.torch import load_file
-
-    from tests.cli_support import run_main, write_images
 
     write_images(tmp_path / "data", "train", 4, seed=0)
     common = [

@@ -11,20 +11,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "HOW_TO_DECLARE",
     "LAYOUTS",
     "Layout",
+    "PrefixTokens",
     "channel_axis",
     "check_declared",
     "declared_layout",
+    "declared_prefix_tokens",
     "layout_from_two_sizes",
     "layout_of",
+    "prefix_count",
 ]
 
 Layout = Literal["BCHW", "BHWC", "BNC"]
+#: Leading tokens of (B, N, C) maps to leave out: one count for every token layer, or by name.
+PrefixTokens = int | Mapping[str, int]
 LAYOUTS: tuple[str, ...] = ("BCHW", "BHWC", "BNC")
 # Layouts: (B, C, H, W) convolutional maps, (B, H, W, C) channels-last maps (Swin, ConvNeXt
 # blocks), (B, N, C) token sequences (ViT, DeiT: the N tokens play the role of the H x W positions)
@@ -131,4 +136,60 @@ def declared_layout(model: nn.Module, shape: tuple[int, ...]) -> Layout | None:
         config = getattr(model, "config", None)
         widths.add(getattr(config, "hidden_size", None))
         return "BNC" if shape[2] in widths else None
+    return None
+
+
+def prefix_count(
+    name: str, layout: Layout, shape: Sequence[int], prefix_tokens: PrefixTokens
+) -> int:
+    """How many leading tokens of layer ``name``'s map to leave out: ``P`` of ``prefix_tokens``.
+
+    An ``int`` applies to every ``"BNC"`` layer and is ignored for ``(B, C, H, W)`` and
+    ``(B, H, W, C)`` maps (they have no tokens); a mapping gives ``P`` by layer name (0 for the
+    names it lacks) and may only name ``"BNC"`` layers.
+
+    Raises:
+        ValueError: ``P`` is not an integer ``>= 0``, names a layer that is not ``"BNC"``, or
+            leaves no token of the ``N`` in ``shape``.
+    """
+    count = prefix_tokens.get(name, 0) if isinstance(prefix_tokens, Mapping) else prefix_tokens
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"prefix_tokens must be integers >= 0; got {count!r} for {name!r}.")
+    if layout != "BNC":
+        if count and isinstance(prefix_tokens, Mapping):
+            raise ValueError(
+                f"prefix_tokens names layer {name!r}, whose map is {layout}, not (B, N, C) "
+                "tokens; give prefix counts for token layers only."
+            )
+        return 0
+    if count >= shape[1]:
+        raise ValueError(
+            f"Layer {name!r} has {shape[1]} tokens; leaving out {count} prefix tokens leaves "
+            "none. Check prefix_tokens (the class, distillation and register tokens)."
+        )
+    return count
+
+
+def declared_prefix_tokens(model: nn.Module) -> int | None:
+    """How many prefix tokens (class, distillation, register) ``model`` declares, or ``None``.
+
+    * an ``int`` attribute ``num_prefix_tokens`` (timm ViT/DeiT/EVA/DINOv2; set it on your own
+      model to declare it);
+    * torchvision ``VisionTransformer``: its ``class_token``, 1;
+    * Hugging Face ViT-style models: the tokens of the ``cls_token``, ``distillation_token`` and
+      ``register_tokens`` parameters of their ``embeddings`` (ViT 1, DeiT distilled 2, DINOv2
+      with registers 1 + R).
+    """
+    count = getattr(model, "num_prefix_tokens", None)
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    if type(model).__name__ == "VisionTransformer" and hasattr(model, "class_token"):
+        return 1
+    names = ("cls_token", "distillation_token", "register_tokens")
+    for module_name, module in model.named_modules():
+        if module_name.rpartition(".")[2] != "embeddings":
+            continue
+        tokens = [getattr(module, n) for n in names if isinstance(getattr(module, n, None), Tensor)]
+        if tokens:
+            return sum(int(t.shape[1]) for t in tokens)  # each (1, T, C)
     return None

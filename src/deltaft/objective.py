@@ -12,6 +12,7 @@ from deltaft._utils import get_submodule, logits_of
 from deltaft.heads import find_head, head_parameter_names
 from deltaft.hooks import FeatureExtractor
 from deltaft.layers import Layout, channel_axis, default_layers, detect_layouts
+from deltaft.layouts import PrefixTokens
 from deltaft.regularizers import functional as RF
 from deltaft.regularizers.modules import (
     BSSRegularizer,
@@ -92,6 +93,11 @@ class TransferObjective(nn.Module):
             in every forward. ``None``: found by :func:`~deltaft.layers.detect_layouts` from dry
             forwards of ``model`` at ``input_size`` and twice that, an error that says how to
             declare them when it cannot decide. Kept in :attr:`layouts`.
+        prefix_tokens: leading tokens of ``(B, N, C)`` maps (class, distillation, register
+            tokens) that ``fm`` and ``delta`` leave out, one count for every token layer or by
+            layer name (see :func:`~deltaft.regularizers.functional.delta_penalty`); 0 keeps
+            them. :func:`~deltaft.layouts.declared_prefix_tokens` reads a model's count; pass
+            the same value to the attention estimate.
 
     Example:
         >>> import copy, torch, torchvision
@@ -123,6 +129,7 @@ class TransferObjective(nn.Module):
         bss: float = 0.0,
         bss_k: int = 1,
         layouts: Mapping[str, Layout] | Layout | None = None,
+        prefix_tokens: PrefixTokens = 0,
     ) -> None:
         super().__init__()
         _check_arguments(method, layers, attention, alpha, beta, weight_decay)
@@ -149,6 +156,7 @@ class TransferObjective(nn.Module):
                 )
         else:
             self.source = FrozenSource(source, self.layers)
+        self.prefix_tokens = prefix_tokens
         self.terms = nn.ModuleDict(self._build_terms(attention, reduction))
 
     # -- construction helpers -------------------------------------------------------------------
@@ -182,10 +190,12 @@ class TransferObjective(nn.Module):
         """The regularizers by the part they produce, in the order they are added to the loss."""
         terms: dict[str, nn.Module] = {}
         if self.method == "fm":
-            terms["reg/fm"] = FeatureMapRegularizer(reduction, self.layouts)
+            terms["reg/fm"] = FeatureMapRegularizer(reduction, self.layouts, self.prefix_tokens)
         elif self.method == "delta":
             weights = self._attention_weights(attention)
-            terms["reg/delta"] = DeltaRegularizer(self.layers, weights, reduction, self.layouts)
+            terms["reg/delta"] = DeltaRegularizer(
+                self.layers, weights, reduction, self.layouts, self.prefix_tokens
+            )
         elif self.method == "l2sp":
             terms["reg/l2sp"] = L2SPRegularizer(self._source_reference())
         if self.method != "l2":

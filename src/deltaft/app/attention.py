@@ -25,6 +25,7 @@ from deltaft.app.build import (
     resolve_device,
     seed_everything,
     select_layers_and_layouts,
+    select_prefix_tokens,
 )
 from deltaft.app.config import TrainConfig
 from deltaft.app.errors import SettingError, literal
@@ -114,13 +115,15 @@ def estimate_attention(
     *,
     progress: bool = False,
     layouts: Mapping[str, Layout] | None = None,
+    prefix_tokens: int = 0,
 ) -> ChannelAttention:
     """Estimate the channel attention on the training split, reproducibly from ``cfg.seed``
     (the RNGs are seeded from ``(seed, "attention")``, the data order from
     ``(seed, "attention-data")``); ``progress`` shows a bar while the channels are scored.
     The result records the :func:`training_fingerprint` of ``train``. ``layouts``: the layers'
     layouts as the run decided them (:func:`~deltaft.app.build.select_layers_and_layouts`);
-    ``None`` detects them.
+    ``None`` detects them. ``prefix_tokens``: leading tokens of ``(B, N, C)`` maps not scored
+    (:func:`~deltaft.app.build.select_prefix_tokens`).
 
     Raises:
         ValueError: estimation failed; the message starts with ``attention estimation:``.
@@ -144,6 +147,7 @@ def estimate_attention(
             device=device,
             progress=progress,
             layouts=layouts,
+            prefix_tokens=prefix_tokens,
         )
     except ValueError as error:
         raise ValueError(f"attention estimation: {error}") from None
@@ -188,6 +192,7 @@ def run_attention(
         built.device,
         progress=progress,
         layouts=layouts,
+        prefix_tokens=select_prefix_tokens(cfg.exclude_prefix_tokens, built.source, layouts),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     attention.save(path)

@@ -28,6 +28,7 @@ from deltaft.app.build import (
     make_loader,
     resolve_device,
     select_layers_and_layouts,
+    select_prefix_tokens,
 )
 from deltaft.app.checkpoint import Checkpointer, open_run
 from deltaft.app.checks import outside_data
@@ -168,6 +169,7 @@ def _attention(
     built: BuiltRun,
     layers: list[str],
     layouts: Mapping[str, Layout],
+    prefix_tokens: int,
     dist: DistInfo,
     progress: bool,
 ) -> ChannelAttention:
@@ -195,6 +197,7 @@ def _attention(
             built.device,
             progress=progress,
             layouts=layouts,
+            prefix_tokens=prefix_tokens,
         )
     return dist.broadcast_object(estimated)
 
@@ -227,6 +230,7 @@ def _objective(
     layers: list[str] | None,
     attention: ChannelAttention | None,
     layouts: Mapping[str, Layout],
+    prefix_tokens: int,
 ) -> TransferObjective:
     """The training objective: ``built.model`` regularized towards ``built.source``."""
     source = FrozenSource(built.source, layers or [], bn=cfg.source_bn, mkldnn=cfg.source_mkldnn)
@@ -243,6 +247,7 @@ def _objective(
         weight_decay=cfg.weight_decay,
         input_size=built.image_size,
         layouts=dict(layouts) if layers else None,
+        prefix_tokens=prefix_tokens,
     )
 
 
@@ -334,11 +339,12 @@ def _build(
             "new {out}."
         )
     layers, layouts = _layers(cfg, built)
+    prefix = select_prefix_tokens(cfg.exclude_prefix_tokens, built.source, layouts) if layers else 0
     attention, attention_seconds = None, 0.0
     if cfg.method == "delta" and layers is not None:
         tic = time.perf_counter()
         attention = _attention(
-            cfg, run, resume_state, built, layers, layouts, dist, attention_progress
+            cfg, run, resume_state, built, layers, layouts, prefix, dist, attention_progress
         )
         attention_seconds = time.perf_counter() - tic
         if cfg.layers is None and attention.layers != layers:  # a loaded file's layers
@@ -347,7 +353,7 @@ def _build(
             )
     elif cfg.attention:
         logger.warning("--attention ignored: method %s uses no attention.", cfg.method)
-    objective = _objective(cfg, built, layers, attention, layouts).to(device)
+    objective = _objective(cfg, built, layers, attention, layouts, prefix).to(device)
     if channels_last:
         objective.to(memory_format=torch.channels_last)
     loaders = _loaders(cfg, built, dist)

@@ -26,6 +26,7 @@ from deltaft.attention.scores import attention_from_scores, channel_removal_scor
 from deltaft.attention.value import ChannelAttention
 from deltaft.heads import replace_head
 from deltaft.layers import Layout, resolve_layers
+from deltaft.layouts import PrefixTokens
 
 __all__ = ["BatchNormMode", "estimate_channel_attention"]
 
@@ -113,6 +114,7 @@ def estimate_channel_attention(
     score_loader: Iterable[Any] | None = None,
     progress: bool = False,
     layouts: Mapping[str, Layout] | Layout | None = None,
+    prefix_tokens: PrefixTokens = 0,
 ) -> ChannelAttention:
     """DELTA's supervised channel attention for ``source`` on the target data.
 
@@ -151,6 +153,8 @@ def estimate_channel_attention(
             ``"BNC"``), e.g. from :func:`~deltaft.layers.check_layers`, so that the scores and
             :class:`~deltaft.objective.TransferObjective` read the same axis; ``None``: detected
             by :func:`~deltaft.attention.channel_removal_scores`.
+        prefix_tokens: leading tokens of ``(B, N, C)`` maps that are not scored (see
+            :func:`~deltaft.attention.channel_removal_scores`); pass the objective's value.
 
     Returns:
         A :class:`ChannelAttention` with the source's and the scored batches' fingerprints.
@@ -203,6 +207,7 @@ def estimate_channel_attention(
         method=method,
         progress=progress,
         layouts=layouts,
+        prefix_tokens=prefix_tokens,
     )
     return ChannelAttention(
         weights=attention_from_scores(scores, temperature),
