@@ -11,7 +11,32 @@ from torch import Tensor, nn
 
 from deltaft._utils import dtype_device, eval_mode
 
-__all__ = ["LayerInfo", "describe_layers", "dry_run_input", "output_shapes"]
+__all__ = [
+    "LayerInfo",
+    "describe_layers",
+    "dry_run_input",
+    "output_map",
+    "output_shapes",
+    "replace_map",
+]
+
+
+def output_map(output: Any) -> Tensor | None:
+    """The feature map a module returns: the tensor itself, or the first element of a tuple or
+    list that starts with a tensor (Hugging Face transformers 4 blocks return
+    ``(hidden_states, ...)``); ``None`` for anything else."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def replace_map(output: Any, new: Tensor) -> Any:
+    """``output`` with its feature map (see :func:`output_map`) replaced by ``new``."""
+    if isinstance(output, Tensor):
+        return new
+    return type(output)([new, *output[1:]])
 
 
 @dataclass(frozen=True)
@@ -53,7 +78,8 @@ def output_shapes(
 
     def recorder(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output)
+            found = output_map(output)
+            shape = tuple(found.shape) if found is not None else type(output)
             seen.setdefault(name, []).append(shape)
 
         return hook

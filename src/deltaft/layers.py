@@ -184,7 +184,8 @@ def _resnet_layers(model: nn.Module) -> list[str] | None:
 
 def _evenly_spaced(prefix: str, count: int, depths: int = 4) -> list[str]:
     """``depths`` block names spread over ``count`` blocks, the last included (12: 2 5 8 11)."""
-    picks = sorted({round((i + 1) * count / depths) - 1 for i in range(min(depths, count))})
+    depths = min(depths, count)  # fewer blocks than depths: every block (round(0.5) is 0)
+    picks = sorted({round((i + 1) * count / depths) - 1 for i in range(depths)})
     return [f"{prefix}{i}" for i in picks]
 
 
@@ -211,6 +212,28 @@ def _transformer_layers(model: nn.Module) -> list[str] | None:
     if type(model).__name__.startswith("SwinTransformer") and isinstance(features, nn.Sequential):
         stages = [f"features.{n}" for n, m in features.named_children() if type(m) is nn.Sequential]
         return stages[1:] if len(stages) > 1 else None  # features.0 is the patch embedding
+    return None
+
+
+def _hf_layers(model: nn.Module) -> list[str] | None:
+    """Hugging Face models (``base_model_prefix``, e.g. ``vit``, ``resnet``, ``convnext``).
+
+    * ViT-style: the residual stream after 4 evenly spaced blocks of ``<prefix>.encoder.layer``
+      (transformers 4) or ``<prefix>.layers`` (transformers 5), whose blocks are ``...Layer``.
+    * Conv models: the end of each stage, ``<prefix>.encoder.stages.N``.
+    """
+    prefix = getattr(model, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix or not hasattr(model, "config"):
+        return None
+    modules = dict(model.named_modules())
+    for path in (f"{prefix}.encoder.layer", f"{prefix}.layers", f"{prefix}.encoder.layers"):
+        blocks = modules.get(path)
+        blocky = isinstance(blocks, nn.ModuleList) and len(blocks)
+        if blocky and type(cast(nn.ModuleList, blocks)[0]).__name__.endswith("Layer"):
+            return _evenly_spaced(f"{path}.", len(cast(nn.ModuleList, blocks)))
+    stages = modules.get(f"{prefix}.encoder.stages")
+    if isinstance(stages, nn.ModuleList) and len(stages):
+        return [f"{prefix}.encoder.stages.{i}" for i in range(len(stages))]
     return None
 
 
@@ -275,6 +298,8 @@ def default_layers(model: nn.Module, *, input_size: int = 224) -> list[str]:
       torchvision ``vit_*`` ``encoder.layers.encoder_layer_N``; torchvision ``swin_*``: the end
       of each stage, ``features.1 .3 .5 .7`` (``(B, H, W, C)`` maps; timm Swin through its
       ``feature_info``).
+    * Hugging Face models: ViT-style ``<prefix>.encoder.layer.N`` / ``<prefix>.layers.N`` at 4
+      depths (tokens), conv models' stage ends ``<prefix>.encoder.stages.N``.
     * timm models with ``feature_info``: its modules at stride >= 4.
     * Any other CNN: the last block of each resolution stage at stride >= 4, from a dry forward
       pass of a ``input_size`` square image (MobileNetV2: ``features.3 .6 .13 .17``).
@@ -286,7 +311,7 @@ def default_layers(model: nn.Module, *, input_size: int = 224) -> list[str]:
     """
     if all(hasattr(model, n) for n in INCEPTION_V3_LAYERS):
         return list(INCEPTION_V3_LAYERS)
-    for rule in (_resnet_layers, _transformer_layers, _timm_layers):
+    for rule in (_resnet_layers, _transformer_layers, _hf_layers, _timm_layers):
         names = rule(model)
         if names:
             return names

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
 
+from deltaft._probe import output_map, replace_map
 from deltaft._utils import first_line
 from deltaft._utils import logits_of as _logits
 from deltaft.attention._common import Batch, LossFn, batch_loss
@@ -40,14 +41,15 @@ def _batched_forward_logits(
     """Logits ``(K*B, N)`` of ``model`` on ``x`` repeated K times, replica k without channel k."""
     k = mask.shape[0]
 
-    def hook(mod: nn.Module, args: Any, output: Tensor) -> Tensor:
-        if output.shape[0] != k * x.shape[0]:
+    def hook(mod: nn.Module, args: Any, output: Any) -> Any:
+        found = cast(Tensor, output_map(output))  # a tuple's first element is the map
+        if found.shape[0] != k * x.shape[0]:
             raise ValueError(
-                f"Layer {name!r} returned a batch of {output.shape[0]} for an input batch of "
+                f"Layer {name!r} returned a batch of {found.shape[0]} for an input batch of "
                 f"{k * x.shape[0]}; the exact method needs a model that treats samples "
                 "independently. Use method='reference' for this model."
             )
-        return mask_replicas(output, mask)
+        return replace_map(output, mask_replicas(found, mask))
 
     handle = module.register_forward_hook(hook)
     try:

@@ -9,12 +9,13 @@ batch). :func:`attention_from_scores` turns the scores into per-layer softmax we
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from deltaft._probe import output_map, replace_map
 from deltaft._utils import dtype_device, eval_mode
 from deltaft._utils import logits_of as _logits
 from deltaft.attention._common import (
@@ -279,12 +280,12 @@ def _as_map(name: str, shape: tuple[int, ...] | type, batch: int) -> tuple[int, 
 # ------------------------------------------------------------------------------------------------
 def _zero_channel_hook(
     channel: int, axis: int, prefix: int
-) -> Callable[[nn.Module, Any, Tensor], Tensor]:
-    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-        output = output.clone()
-        kept = output[:, prefix:] if prefix else output  # (B, N - P, C): the prefix stays
+) -> Callable[[nn.Module, Any, Any], Any]:
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        zeroed = cast(Tensor, output_map(output)).clone()  # a tuple's first element is the map
+        kept = zeroed[:, prefix:] if prefix else zeroed  # (B, N - P, C): the prefix stays
         kept.select(axis, channel).zero_()  # channel j at every position or token
-        return output
+        return replace_map(output, zeroed)
 
     return hook
 
@@ -330,12 +331,13 @@ def _taylor_batch(
 ) -> dict[str, Tensor]:
     captured: dict[str, list[Tensor]] = {name: [] for name in modules}
 
-    def recorder(name: str) -> Callable[[nn.Module, Any, Tensor], Tensor]:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    def recorder(name: str) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            found = cast(Tensor, output_map(output))  # a tuple's first element is the map
             # Nothing upstream needs a gradient when the output does not require one.
-            a = output if output.requires_grad else output.detach().requires_grad_(True)
+            a = found if found.requires_grad else found.detach().requires_grad_(True)
             captured[name].append(a)
-            return a.clone()  # later in-place ops must not change the captured `a`
+            return replace_map(output, a.clone())  # later in-place ops must not change `a`
 
         return hook
 
