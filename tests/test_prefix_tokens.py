@@ -90,6 +90,11 @@ def test_prefix_token_errors() -> None:
         RF.feature_map_penalty({"l": s}, {"l": t}, prefix_tokens=-1)
     with pytest.raises(ValueError, match=r"names layer 'c', whose map is BCHW"):
         RF.delta_penalty({"c": s[..., None]}, {"c": t[..., None]}, prefix_tokens={"c": 1})
+    with pytest.raises(ValueError, match=r"prefix_tokens names \['blocks.1'\], which are not"):
+        RF.delta_penalty({"l": s}, {"l": t}, prefix_tokens={"l": 1, "blocks.1": 1})
+    with pytest.raises(ValueError, match=r"prefix_tokens names \['x'\], which are not"):
+        model = _settled(TokenToy())
+        channel_removal_scores(model, _batches(1, 8, seed=0), ["blocks.0"], prefix_tokens={"x": 1})
     with pytest.raises(ValueError, match=r"prefix_tokens must be integers >= 0, got True"):
         DeltaRegularizer(["l"], prefix_tokens=True)
 

@@ -22,12 +22,13 @@ __all__ = [
 
 
 def output_map(output: Any) -> Tensor | None:
-    """The feature map a module returns: the tensor itself, or the first element of a tuple or
-    list that starts with a tensor (Hugging Face transformers 4 blocks return
-    ``(hidden_states, ...)``); ``None`` for anything else."""
+    """The feature map a module returns: the tensor itself, or the first element of a plain
+    tuple or list that starts with a tensor (Hugging Face transformers 4 blocks return
+    ``(hidden_states, ...)``); ``None`` for anything else, named tuples and output objects
+    included (which of their fields is the map is not for us to guess)."""
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+    if type(output) in (tuple, list) and output and isinstance(output[0], Tensor):
         return output[0]
     return None
 

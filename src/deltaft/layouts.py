@@ -140,7 +140,11 @@ def declared_layout(model: nn.Module, shape: tuple[int, ...]) -> Layout | None:
 
 
 def prefix_count(
-    name: str, layout: Layout, shape: Sequence[int], prefix_tokens: PrefixTokens
+    name: str,
+    layout: Layout,
+    shape: Sequence[int],
+    prefix_tokens: PrefixTokens,
+    names: Sequence[str] = (),
 ) -> int:
     """How many leading tokens of layer ``name``'s map to leave out: ``P`` of ``prefix_tokens``.
 
@@ -148,10 +152,20 @@ def prefix_count(
     ``(B, H, W, C)`` maps (they have no tokens); a mapping gives ``P`` by layer name (0 for the
     names it lacks) and may only name ``"BNC"`` layers.
 
+    ``names``: every layer of the call, in order; with the first of them, a mapping that names
+    another layer is refused (a misspelt name would silently keep its tokens).
+
     Raises:
-        ValueError: ``P`` is not an integer ``>= 0``, names a layer that is not ``"BNC"``, or
-            leaves no token of the ``N`` in ``shape``.
+        ValueError: ``P`` is not an integer ``>= 0``, names a layer that is not ``"BNC"`` or not
+            in ``names``, or leaves no token of the ``N`` in ``shape``.
     """
+    if isinstance(prefix_tokens, Mapping) and name == next(iter(names), None):
+        unknown = sorted(set(prefix_tokens) - set(names))
+        if unknown:
+            raise ValueError(
+                f"prefix_tokens names {unknown}, which are not regularized or scored layers; "
+                f"the layers are {list(names)}."
+            )
     count = prefix_tokens.get(name, 0) if isinstance(prefix_tokens, Mapping) else prefix_tokens
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"prefix_tokens must be integers >= 0; got {count!r} for {name!r}.")

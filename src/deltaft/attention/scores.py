@@ -148,7 +148,8 @@ def channel_removal_scores(
             found = {name: layout_of(name, shapes[name], layouts) for name in modules}
         channels = {name: _channels(name, calls[name], found[name]) for name in modules}
         prefixes = {
-            name: prefix_count(name, found[name], shapes[name], prefix_tokens) for name in modules
+            name: prefix_count(name, found[name], shapes[name], prefix_tokens, list(modules))
+            for name in modules
         }
         total = sum(channels.values()) * len(batches)
         with tqdm(

@@ -58,7 +58,7 @@ def _check_maps(
                 f"source {tuple(s.shape)} and target {tuple(t.shape)}."
             )
         layout = layout_of(name, t.shape, layouts)
-        found[name] = layout, prefix_count(name, layout, t.shape, prefix_tokens)
+        found[name] = layout, prefix_count(name, layout, t.shape, prefix_tokens, list(target))
     return found
 
 
