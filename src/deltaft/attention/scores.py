@@ -28,6 +28,7 @@ from deltaft.attention._common import (
     take_batches,
 )
 from deltaft.attention.exact import exact_scores
+from deltaft.attention.taylor import taylor_batch
 from deltaft.layers import (
     Layout,
     channel_axis,
@@ -196,7 +197,7 @@ def _summed_scores(
     if method == "taylor":  # needs autograd: outside inference mode
         channels = sum(shapes[name][axes[name]] for name in modules)
         for x, y in batches:
-            deltas = _taylor_batch(
+            deltas = taylor_batch(
                 model, x.to(device), y.to(device), modules, axes, prefixes, loss_fn
             )
             _add_into(totals, deltas)
@@ -315,58 +316,6 @@ def _reference_batch(
                 handle.remove()
             progress.update(1)
         deltas[name] = torch.stack(losses) - base
-    return deltas
-
-
-# ------------------------------------------------------------------------------------------------
-# method="taylor": first-order estimate from one backward pass per batch
-# ------------------------------------------------------------------------------------------------
-def _taylor_batch(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    modules: Mapping[str, nn.Module],
-    axes: Mapping[str, int],
-    prefixes: Mapping[str, int],
-    loss_fn: LossFn | None,
-) -> dict[str, Tensor]:
-    captured: dict[str, list[Tensor]] = {name: [] for name in modules}
-
-    def recorder(name: str) -> Callable[[nn.Module, Any, Any], Any]:
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            found = cast(Tensor, output_map(output))  # a tuple's first element is the map
-            # Nothing upstream needs a gradient when the output does not require one.
-            a = found if found.requires_grad else found.detach().requires_grad_(True)
-            captured[name].append(a)
-            return replace_map(output, a.clone())  # later in-place ops must not change `a`
-
-        return hook
-
-    handles = [m.register_forward_hook(recorder(name)) for name, m in modules.items()]
-    try:
-        with torch.enable_grad():
-            loss = batch_loss(_logits(model(x)), y, loss_fn)
-            flat = [a for name in modules for a in captured[name]]
-            grads = torch.autograd.grad(loss, flat, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    deltas = {}
-    position = 0
-    for name in modules:
-        axis = axes[name]
-        channels = captured[name][0].shape[axis]
-        total = torch.zeros(channels, dtype=loss.dtype, device=loss.device)
-        for a in captured[name]:
-            grad = grads[position]
-            position += 1
-            if grad is not None:
-                others = tuple(d for d in range(a.dim()) if d != axis)  # all but the channels
-                product = grad * a.detach()
-                if prefixes[name]:
-                    product = product[:, prefixes[name] :]  # (B, N - P, C): tokens n >= P
-                total = total - product.sum(dim=others)  # (C,)
-        deltas[name] = total
     return deltas
 
 
