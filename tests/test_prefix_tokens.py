@@ -237,6 +237,25 @@ def test_exclude_prefix_tokens_through_the_command_line(
     # the class token carries everything blocks.1 passes on: left out, its scores are all 0
     assert torch.count_nonzero(files["left out"]["scores/blocks.1"]) == 0
     assert torch.count_nonzero(files["kept"]["scores/blocks.1"]) > 0
+    # the file records what was scored; a run that penalizes other tokens refuses it
+    from deltaft.attention import ChannelAttention
+
+    assert ChannelAttention.load(tmp_path / "1.safetensors").prefix_tokens == 2
+    assert ChannelAttention.load(tmp_path / "0.safetensors").prefix_tokens == 0
+    code, _, err = run_main(
+        capsys, "train", *common, "--model", "tests.test_prefix_tokens:token_toy",
+        "--attention", str(tmp_path / "0.safetensors"), "--exclude-prefix-tokens",
+        "--epochs", "1", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in err, err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "deltaft: error: The attention was scored with prefix tokens none left out, but the "
+            "penalty leaves out {'blocks.0': 2, 'blocks.1': 2}"
+        )
+    ), err
     code, _, err = run_main(
         capsys, "attention", *common, "--model", "tests.test_prefix_tokens:undeclared_token_toy",
         "--exclude-prefix-tokens", "--out", str(tmp_path / "x.safetensors"),

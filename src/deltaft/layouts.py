@@ -24,6 +24,7 @@ __all__ = [
     "declared_prefix_tokens",
     "layout_from_two_sizes",
     "layout_of",
+    "prefix_by_layer",
     "prefix_count",
 ]
 
@@ -207,3 +208,14 @@ def declared_prefix_tokens(model: nn.Module) -> int | None:
         if tokens:
             return sum(int(t.shape[1]) for t in tokens)  # each (1, T, C)
     return None
+
+
+def prefix_by_layer(prefix_tokens: PrefixTokens, layouts: Mapping[str, Layout]) -> dict[str, int]:
+    """``{layer: P}`` for the ``"BNC"`` layers of ``layouts`` whose ``P`` is not 0: what
+    ``prefix_tokens`` means for these layers, so that an ``int`` and a mapping can be compared."""
+    counts = {
+        name: prefix_tokens.get(name, 0) if isinstance(prefix_tokens, Mapping) else prefix_tokens
+        for name, layout in layouts.items()
+        if layout == "BNC"
+    }
+    return {name: count for name, count in counts.items() if count}

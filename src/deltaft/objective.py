@@ -12,7 +12,7 @@ from deltaft._utils import get_submodule, logits_of
 from deltaft.heads import find_head, head_parameter_names
 from deltaft.hooks import FeatureExtractor
 from deltaft.layers import Layout, channel_axis, default_layers, detect_layouts
-from deltaft.layouts import PrefixTokens
+from deltaft.layouts import PrefixTokens, prefix_by_layer
 from deltaft.regularizers import functional as RF
 from deltaft.regularizers.modules import (
     BSSRegularizer,
@@ -210,8 +210,22 @@ class TransferObjective(nn.Module):
             return None
         if hasattr(attention, "check_compatible"):
             attention.check_compatible(self.layers, model_fingerprint=self.source.fingerprint())
+            self._check_prefix_tokens(attention)
             return dict(attention.weights)
         return dict(attention)
+
+    def _check_prefix_tokens(self, attention: ChannelAttention) -> None:
+        """Refuse estimated attention that scored other tokens than the penalty compares."""
+        if attention.method == "uniform":
+            return
+        scored = prefix_by_layer(getattr(attention, "prefix_tokens", 0), self.layouts)
+        penalized = prefix_by_layer(self.prefix_tokens, self.layouts)
+        if scored != penalized:
+            raise ValueError(
+                f"The attention was scored with prefix tokens {scored or 'none'} left out, but "
+                f"the penalty leaves out {penalized or 'none'}; estimate it with the same "
+                "prefix_tokens (--exclude-prefix-tokens on the command line)."
+            )
 
     def _source_reference(self) -> dict[str, Tensor]:
         source_params = dict(self.source.network.named_parameters())

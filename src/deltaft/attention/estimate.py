@@ -217,4 +217,5 @@ def estimate_channel_attention(
         model_fingerprint=fingerprint,
         data_fingerprint=batches_fingerprint(batches),
         method=method,
+        prefix_tokens=dict(prefix_tokens) if isinstance(prefix_tokens, Mapping) else prefix_tokens,
     )
