@@ -125,6 +125,7 @@ class _Logits(nn.Module):
         return self.m(x).logits  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow  # trains / estimates several runs: seconds each
 def test_train_and_attention_on_hf_models_through_the_command_line(
     folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
