@@ -216,7 +216,6 @@ def test_models_declare_their_prefix_tokens() -> None:
 
 
 # --- the command line ----------------------------------------------------------------------------
-@pytest.mark.slow  # trains / estimates several runs: seconds each
 def test_exclude_prefix_tokens_through_the_command_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
