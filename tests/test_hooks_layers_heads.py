@@ -118,11 +118,11 @@ def test_feature_extractor_errors(tiny_net: nn.Module, batch) -> None:  # type: 
     with fx, pytest.raises(RuntimeError, match="not re-entrant"):
         fx.__enter__()
 
-    class TupleOut(nn.Module):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return x, x
+    class DictOut(nn.Module):  # a plain tuple is read by its first element (test_hf.py)
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"x": x}
 
-    model = nn.Sequential(TupleOut())
+    model = nn.Sequential(DictOut())
     with FeatureExtractor(model, ["0"]), pytest.raises(TypeError, match="expected a Tensor"):
         model(batch[0])
 

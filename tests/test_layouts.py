@@ -6,6 +6,8 @@ tests/reference.py; the channel axis is found by dry forwards at two sizes (or d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -16,6 +18,12 @@ from deltaft.attention import channel_removal_scores
 from deltaft.layers import detect_layouts, validate_layers
 from deltaft.regularizers import DeltaRegularizer, FeatureMapRegularizer
 from deltaft.regularizers import functional as RF
+from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    one_thread,
+    restore_logging,
+    run_main,
+    write_images,
+)
 from tests.reference import (
     ref_delta_penalty,
     ref_delta_penalty_channels_last,
@@ -381,3 +389,71 @@ def test_default_layers_of_transformers_are_residual_streams_with_known_layouts(
     for model, want, layout in cases:
         assert default_layers(model) == want, type(model).__name__
         assert detect_layouts(model, want) == dict.fromkeys(want, layout)
+
+
+# --- layouts decided once and declared (library and command line) ----------------------------
+def channels_last_toy(num_classes: int = 3) -> nn.Module:
+    """Factory for the command line: ``tests.test_layouts:channels_last_toy``."""
+    model = ChannelsLastToy()
+    model.head = nn.Linear(7, num_classes)
+    return model
+
+
+def test_a_declared_layout_is_checked_against_two_input_sizes() -> None:
+    from deltaft.layers import check_layers
+
+    model = ChannelsLastToy()
+    assert check_layers(model, ["stage1", "stage2"], input_size=16) == {
+        "stage1": "BHWC",
+        "stage2": "BHWC",
+    }
+    # declared where the shapes agree: accepted, and a declaration wins on a pooled map
+    assert check_layers(model, ["stage2"], input_size=16, layouts="BHWC") == {"stage2": "BHWC"}
+    # BCHW on a (B, H, W, C) map: axis 1 is the rows (4 at 16 px, 8 at 32 px), not 7 channels
+    with pytest.raises(
+        ValueError,
+        match=r"'stage2' is declared BCHW, but axis 1 of its map changes with the input size "
+        r"\(\(1, 4, 4, 7\), then \(1, 8, 8, 7\).*its map is BHWC; declare BHWC.*--layout",
+    ):
+        check_layers(model, ["stage2"], input_size=16, layouts="BCHW")
+    with pytest.raises(ValueError, match=r"'stem' is declared BHWC, but axis 3"):
+        detect_layouts(model, ["stem"], input_size=16, layouts={"stem": "BHWC"})
+    # a fixed-size model cannot show it: the declaration is taken
+    assert detect_layouts(TokenToy(), ["blocks.0.mlp"], input_size=8, layouts="BNC") == {
+        "blocks.0.mlp": "BNC"
+    }
+    # declared without a check, a layout whose channel count is not the attention's is refused
+    w = {"stage2": torch.full((7,), 1 / 7)}
+    objective = TransferObjective(
+        ChannelsLastToy(), ChannelsLastToy(), "delta", ["stage2"], w, head="head",
+        layouts={"stage2": "BCHW"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"'stage2' has shape \(7,\), expected \(8,\)"):
+        objective(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+
+def test_the_attention_command_weights_the_channels_of_a_channels_last_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    write_images(tmp_path / "data", "train", 4, seed=0)
+    common = [
+        "--data", str(tmp_path / "data"), "--model", "tests.test_layouts:channels_last_toy",
+        "--weights", "none", "--image-size", "24", "--batch-size", "8", "--workers", "0",
+        "--device", "cpu", "--attention-epochs", "1", "--attention-batches", "1",
+        "--layers", "stage1,stage2",
+    ]  # fmt: skip
+    path = tmp_path / "att.safetensors"
+    code, out, err = run_main(capsys, "attention", *common, "--out", str(path))
+    assert code == 0, err
+    weights = {k: v for k, v in load_file(path).items() if k.startswith("weights")}
+    # 5 and 7 channels: not 12 and 6 image rows, as a (B, C, H, W) reading would give
+    assert sorted(v.shape[0] for v in weights.values()) == [5, 7], weights.keys()
+    assert "stage1: 5 channels" in out and "stage2: 7 channels" in out
+    code, _, err = run_main(
+        capsys, "attention", *common, "--layout", "BCHW", "--out", str(tmp_path / "b")
+    )
+    assert code == 2 and "declared BCHW, but axis 1" in err and "--layout" in err
+    assert err.strip().splitlines()[-1].startswith("deltaft: error: Layer 'stage1' is declared")
+    assert "Traceback" not in err and err.count("error") == 1, err

@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from deltaft._probe import output_map
 from deltaft.layers import resolve_layers
 
 __all__ = ["FeatureExtractor", "StopForward"]
@@ -31,6 +32,9 @@ class FeatureExtractor:
         stop_after_last: raise :class:`StopForward` once every layer has produced its output,
             so a network used only for its feature maps runs no further than it must. Wrap the
             forward in :meth:`run` to swallow the exception.
+
+    A module that returns a tuple (Hugging Face transformers 4 blocks return
+    ``(hidden_states, ...)``) is recorded by its first element, the map.
 
     A module must run once per forward: a second call before :meth:`pop` raises, because two
     calls give two different maps and which one is meant cannot be told (ResNet blocks call
@@ -63,10 +67,12 @@ class FeatureExtractor:
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not isinstance(output, Tensor):
+            found = output_map(output)  # a tensor, or a tuple's first (HF transformers 4 blocks)
+            if found is None:
                 raise TypeError(
                     f"Layer {name!r} returned {type(output).__name__}, expected a Tensor; "
-                    "choose a module whose output is a (B, C, H, W) feature map."
+                    "choose a module whose output is a (B, C, H, W), (B, H, W, C) or (B, N, C) "
+                    "feature map."
                 )
             if name in self._store:
                 # A shared module (ResNet's block ``relu``): the source, stopped early, would keep
@@ -76,7 +82,7 @@ class FeatureExtractor:
                     "before pop()), so its map is ambiguous. Choose a module that is called "
                     "once, such as a convolution or a whole block."
                 )
-            self._store[name] = output
+            self._store[name] = found
             if self.stop_after_last and len(self._store) == len(self.layers):
                 raise StopForward
 

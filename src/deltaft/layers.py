@@ -13,19 +13,20 @@ sizes: the axes that scale with the image are positions, the one that stays is t
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from deltaft._utils import dtype_device, eval_mode, get_submodule
+from deltaft._family_layers import hf_layers, transformer_layers
+from deltaft._probe import LayerInfo, describe_layers, dry_run_input, output_shapes
+from deltaft._utils import eval_mode, get_submodule
 from deltaft.layouts import (
     HOW_TO_DECLARE,
     LAYOUTS,
     Layout,
     channel_axis,
+    check_declared,
     declared_layout,
     layout_from_two_sizes,
     layout_of,
@@ -36,6 +37,7 @@ __all__ = [
     "LayerInfo",
     "Layout",
     "channel_axis",
+    "check_layers",
     "default_layers",
     "describe_layers",
     "detect_layouts",
@@ -49,37 +51,17 @@ INCEPTION_V3_LAYERS = ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"]
 MIN_REDUCTION = 4  # stages at stride 2 (the stem) are not regularized, as in the reference
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """One module seen in a dry forward pass.
-
-    Attributes:
-        name: dotted module name.
-        kind: the module's class name.
-        shape: output shape for a batch of one, or ``None`` when the output is not a tensor.
-        order: position in the order in which forward calls finished.
-        calls: how many times the module ran in that forward (0 if it did not run).
-    """
-
-    name: str
-    kind: str
-    shape: tuple[int, ...] | None
-    order: int
-    calls: int = 1
-
-
-def _dry_run_input(model: nn.Module, input_size: int) -> Tensor:
-    dtype, device = dtype_device(model)
-    return torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype)
-
-
 def _second_input(example: Tensor) -> Tensor:
     """A zero input like ``example`` with its spatial sides doubled."""
     return example.new_zeros((*example.shape[:-2], 2 * example.shape[-2], 2 * example.shape[-1]))
 
 
 def detect_layouts(
-    model: nn.Module, layers: Sequence[str], *, input_size: int | Tensor = 224
+    model: nn.Module,
+    layers: Sequence[str],
+    *,
+    input_size: int | Tensor = 224,
+    layouts: Mapping[str, Layout] | Layout | None = None,
 ) -> dict[str, Layout]:
     """The layout of each layer's output, from eval-mode dry forwards at two input sizes.
 
@@ -95,10 +77,16 @@ def detect_layouts(
     whose last axis is the model's width (``embed_dim``, ``hidden_dim``, ``num_features`` or
     ``config.hidden_size``). Modes are restored afterwards.
 
+    ``layouts`` declares the layouts instead (one for every layer, or a mapping by layer name
+    that covers ``layers``): a declaration is checked against the same two passes, its rank and
+    that its channel axis keeps its size (:func:`~deltaft.layouts.check_declared`), and wins
+    where the shapes cannot decide.
+
     Raises:
         ValueError: a name is not a module, a layer does not run, or its layout cannot be
             decided (e.g. a ``(B, C, 1, 1)`` pooled output, per-head attention tensors, or a
-            fixed-size model that declares nothing); the message says how to declare it.
+            fixed-size model that declares nothing); the message says how to declare it. A
+            declared layout of another rank, or whose channel axis scales with the input.
 
     Example:
         >>> import torchvision
@@ -107,7 +95,7 @@ def detect_layouts(
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     modules = resolve_layers(model, layers)
-    x = input_size if isinstance(input_size, Tensor) else _dry_run_input(model, input_size)
+    x = input_size if isinstance(input_size, Tensor) else dry_run_input(model, input_size)
     with eval_mode(model), torch.no_grad():
         first = output_shapes(model, x[:1], modules)
         try:
@@ -117,7 +105,7 @@ def detect_layouts(
         except Exception:  # a fixed-size model raises many types; its declaration decides below
             second = None
     sides = f"{x.shape[-2]}x{x.shape[-1]}"
-    layouts: dict[str, Layout] = {}
+    found: dict[str, Layout] = {}
     for name in layers:
         shape = first[name][0] if first.get(name) else None
         if not isinstance(shape, tuple):
@@ -131,13 +119,19 @@ def detect_layouts(
                 f"Layer {name!r} of {type(model).__name__} gave shape {shape}, which has no "
                 "channel and position axes."
             )
-        other = second[name][0] if second is not None and second.get(name) else None
-        layout = layout_from_two_sizes(shape, other if isinstance(other, tuple) else None)
+        at_double = second[name][0] if second is not None and second.get(name) else None
+        other = at_double if isinstance(at_double, tuple) else None
+        if layouts is not None:
+            declared = layout_of(name, shape, layouts)  # checks the rank
+            check_declared(name, declared, shape, other)
+            found[name] = declared
+            continue
+        layout = layout_from_two_sizes(shape, other)
         if layout is None and second is None:
             layout = declared_layout(model, shape)
         if layout is None:
             seen = (
-                f"{shape} at {sides} and {other} at twice that size"
+                f"{shape} at {sides} and {at_double} at twice that size"
                 if second is not None
                 else f"{shape} at {sides}, and the model does not take another input size"
             )
@@ -146,8 +140,8 @@ def detect_layouts(
                 f"{seen}; choose a layer whose map is (B, C, H, W), (B, H, W, C) or (B, N, C), "
                 f"or {HOW_TO_DECLARE.format(name=name)}."
             )
-        layouts[name] = layout
-    return layouts
+        found[name] = layout
+    return found
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
@@ -172,61 +166,6 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
     return {name: get_submodule(model, name) for name in layers}
 
 
-def output_shapes(
-    model: nn.Module, x: Tensor, modules: Mapping[str, nn.Module]
-) -> dict[str, list[tuple[int, ...] | type]]:
-    """Run ``model(x)`` once and record what each of ``modules`` returns, call by call.
-
-    The caller chooses the mode and the grad context. Forward hooks are removed afterwards.
-
-    Returns:
-        ``{name: [output shape, or the output's type when it is not a tensor, per call]}`` for
-        the modules that ran, in the order in which their first call finished.
-    """
-    seen: dict[str, list[tuple[int, ...] | type]] = {}
-
-    def recorder(name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output)
-            seen.setdefault(name, []).append(shape)
-
-        return hook
-
-    handles = [module.register_forward_hook(recorder(name)) for name, module in modules.items()]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
-def describe_layers(model: nn.Module, *, input_size: int = 224) -> list[LayerInfo]:
-    """Run one eval-mode forward of a ``(1, 3, S, S)`` zero image and record every module's output.
-
-    Returns ``LayerInfo`` in ``named_modules()`` order (the root module excluded); a module called
-    more than once is described by its first call. Every module's train/eval mode is restored
-    afterwards.
-
-    Example:
-        >>> import torchvision
-        >>> info = describe_layers(torchvision.models.resnet18(), input_size=64)[0]
-        >>> info.name, info.kind, info.shape
-        ('conv1', 'Conv2d', (1, 64, 32, 32))
-    """
-    named = {name: module for name, module in model.named_modules() if name}
-    with eval_mode(model), torch.no_grad():
-        seen = output_shapes(model, _dry_run_input(model, input_size), named)
-    order = {name: position for position, name in enumerate(seen)}
-    infos = []
-    for name, module in named.items():
-        first = seen[name][0] if name in seen else None
-        shape = first if isinstance(first, tuple) else None
-        calls = len(seen.get(name, ()))
-        infos.append(LayerInfo(name, type(module).__name__, shape, order.get(name, -1), calls))
-    return infos
-
-
 def _resnet_layers(model: nn.Module) -> list[str] | None:
     """``layerN.<last>.conv3`` (bottleneck) or ``.conv2`` (basic block), as the reference does."""
     names = []
@@ -241,38 +180,6 @@ def _resnet_layers(model: nn.Module) -> list[str] | None:
             return None
         names.append(f"{stage}.{last}.{conv}")
     return names
-
-
-def _evenly_spaced(prefix: str, count: int, depths: int = 4) -> list[str]:
-    """``depths`` block names spread over ``count`` blocks, the last included (12: 2 5 8 11)."""
-    picks = sorted({round((i + 1) * count / depths) - 1 for i in range(min(depths, count))})
-    return [f"{prefix}{i}" for i in picks]
-
-
-def _transformer_layers(model: nn.Module) -> list[str] | None:
-    """The residual stream of a vision transformer at 4 depths, or Swin's stage ends.
-
-    * timm ViT / DeiT / EVA / DINOv2 (``patch_embed`` and ``blocks``): ``blocks.N``.
-    * torchvision ``vit_*``: ``encoder.layers.encoder_layer_N``.
-    * torchvision ``swin_*``: the stage ``Sequential`` s of ``features`` (``features.1 .3 .5 .7``).
-    """
-    blocks = getattr(model, "blocks", None)
-    kinds = (nn.Sequential, nn.ModuleList)
-    flat = isinstance(blocks, kinds) and len(blocks) and not isinstance(blocks[0], kinds)
-    if hasattr(model, "patch_embed") and flat:  # a flat list of blocks, not of stages
-        return _evenly_spaced("blocks.", len(cast(nn.Module, blocks)._modules))
-    encoder = getattr(model, "encoder", None)
-    layers = getattr(encoder, "layers", None)
-    if hasattr(model, "conv_proj") and isinstance(layers, nn.Sequential) and len(layers):
-        names = [name for name, _ in layers.named_children()]
-        prefix = names[0].rstrip("0123456789")
-        if names == [f"{prefix}{i}" for i in range(len(names))]:
-            return _evenly_spaced(f"encoder.layers.{prefix}", len(names))
-    features = getattr(model, "features", None)
-    if type(model).__name__.startswith("SwinTransformer") and isinstance(features, nn.Sequential):
-        stages = [f"features.{n}" for n, m in features.named_children() if type(m) is nn.Sequential]
-        return stages[1:] if len(stages) > 1 else None  # features.0 is the patch embedding
-    return None
 
 
 def _timm_layers(model: nn.Module) -> list[str] | None:
@@ -336,6 +243,8 @@ def default_layers(model: nn.Module, *, input_size: int = 224) -> list[str]:
       torchvision ``vit_*`` ``encoder.layers.encoder_layer_N``; torchvision ``swin_*``: the end
       of each stage, ``features.1 .3 .5 .7`` (``(B, H, W, C)`` maps; timm Swin through its
       ``feature_info``).
+    * Hugging Face models: ViT-style ``<prefix>.encoder.layer.N`` / ``<prefix>.layers.N`` at 4
+      depths (tokens), conv models' stage ends ``<prefix>.encoder.stages.N``.
     * timm models with ``feature_info``: its modules at stride >= 4.
     * Any other CNN: the last block of each resolution stage at stride >= 4, from a dry forward
       pass of a ``input_size`` square image (MobileNetV2: ``features.3 .6 .13 .17``).
@@ -347,7 +256,7 @@ def default_layers(model: nn.Module, *, input_size: int = 224) -> list[str]:
     """
     if all(hasattr(model, n) for n in INCEPTION_V3_LAYERS):
         return list(INCEPTION_V3_LAYERS)
-    for rule in (_resnet_layers, _transformer_layers, _timm_layers):
+    for rule in (_resnet_layers, transformer_layers, hf_layers, _timm_layers):
         names = rule(model)
         if names:
             return names
@@ -369,52 +278,84 @@ def validate_layers(
     layers: Sequence[str],
     *,
     input_size: int = 224,
-    layouts: Mapping[str, Layout] | None = None,
+    layouts: Mapping[str, Layout] | Layout | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Check that every name is a module of ``model`` whose output has a known channel axis.
 
-    The layouts are ``layouts`` where given (checked against each output's rank), else found by
-    :func:`detect_layouts`.
+    The checks of :func:`check_layers`; this returns the shapes, that the layouts.
 
     Returns:
         ``{name: output shape for a batch of one}``, in the order given.
+    """
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    shapes, _ = _checked(model, layers, input_size, layouts)
+    return shapes
+
+
+def check_layers(
+    model: nn.Module,
+    layers: Sequence[str],
+    *,
+    input_size: int = 224,
+    layouts: Mapping[str, Layout] | Layout | None = None,
+) -> dict[str, Layout]:
+    """Check the layers as :func:`validate_layers` does and return their layouts, decided once.
+
+    The layouts are ``layouts`` where declared (one for all layers or by name, checked against
+    the dry forwards by :func:`detect_layouts`), else detected; pass the result to
+    :class:`~deltaft.objective.TransferObjective` and the attention estimation so that both read
+    the maps on the same axis without detecting again.
 
     Args:
         model: the network.
         layers: dotted module names, or a single name.
         input_size: side of the square zero image of the dry forward pass.
-        layouts: declared layouts by layer name; ``None`` to detect them.
+        layouts: declared layouts; ``None`` to detect them.
+
+    Returns:
+        ``{name: layout}``, in the order given.
 
     Raises:
         ValueError: empty or repeated names, an unknown name (close matches listed), a module that
             does not run in ``forward``, runs more than once per forward (a shared activation:
             which call's map is meant cannot be told), or whose output's layout cannot be decided
-            or is not the declared one (the message lists layers that qualify).
+            or contradicts the declared one (the message lists layers that qualify).
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
+    _, found = _checked(model, layers, input_size, layouts)
+    return found
+
+
+def _checked(
+    model: nn.Module,
+    layers: list[str],
+    input_size: int,
+    layouts: Mapping[str, Layout] | Layout | None,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, Layout]]:
+    """The shapes and layouts of :func:`check_layers`: one describe pass, one detection."""
     resolve_layers(model, layers)
     infos = {i.name: i for i in describe_layers(model, input_size=input_size)}
     shapes: dict[str, tuple[int, ...]] = {}
-    for name in layers:
-        shape = infos[name].shape
-        try:
+    try:
+        for name in layers:
+            shape = infos[name].shape
             if shape is None:
                 raise ValueError(f"Layer {name!r} of {type(model).__name__} gave no tensor.")
-            if layouts is None:
-                detect_layouts(model, [name], input_size=input_size)
-            else:
-                layout_of(name, shape, layouts)
-        except ValueError as error:
-            some = ", ".join(_qualifying(model, input_size)[-8:]) or "none"
-            raise ValueError(
-                f"{error} DELTA needs a module with a (B, C, H, W), (B, H, W, C) or (B, N, C) "
-                f"output. Some that qualify: {some}."
-            ) from None
+            shapes[name] = shape
+        found = detect_layouts(model, layers, input_size=input_size, layouts=layouts)
+    except ValueError as error:
+        if layouts is not None:  # a declaration the maps contradict: the message says the fix
+            raise
+        some = ", ".join(_qualifying(model, input_size)[-8:]) or "none"
+        raise ValueError(
+            f"{error} DELTA needs a module with a (B, C, H, W), (B, H, W, C) or (B, N, C) "
+            f"output. Some that qualify: {some}."
+        ) from None
+    for name in layers:
         if infos[name].calls > 1:
             raise ValueError(
                 f"Layer {name!r} of {type(model).__name__} runs {infos[name].calls} times per "
                 "forward, so its map is ambiguous (a shared activation such as a ResNet block's "
                 "relu); choose a module that is called once, such as a convolution or a block."
             )
-        shapes[name] = shape
-    return shapes
+    return shapes, found

@@ -12,6 +12,7 @@ from deltaft._utils import get_submodule, logits_of
 from deltaft.heads import find_head, head_parameter_names
 from deltaft.hooks import FeatureExtractor
 from deltaft.layers import Layout, channel_axis, default_layers, detect_layouts
+from deltaft.layouts import PrefixTokens, prefix_by_layer
 from deltaft.regularizers import functional as RF
 from deltaft.regularizers.modules import (
     BSSRegularizer,
@@ -106,11 +107,17 @@ class TransferObjective(nn.Module):
         relationship: for ``cotuning``: the category relationship ``(C_target, K_source)``
             (:func:`~deltaft.cotuning.estimate_relationship`).
         lwf_temperature: the distillation temperature ``T`` of ``lwf``.
-        layouts: the regularized maps' layouts by layer name (``"BCHW"``, ``"BHWC"`` for
-            channels-last maps such as Swin's, ``"BNC"`` for tokens); ``None``: found by
-            :func:`~deltaft.layers.detect_layouts` from dry forwards of ``model`` at
-            ``input_size`` and twice that, an error when it cannot decide. Kept in
-            :attr:`layouts`.
+        layouts: the regularized maps' layouts by layer name, or one for all (``"BCHW"``,
+            ``"BHWC"`` for channels-last maps such as Swin's, ``"BNC"`` for tokens), e.g. from
+            :func:`~deltaft.layers.check_layers`; each map is checked against its layout's rank
+            in every forward. ``None``: found by :func:`~deltaft.layers.detect_layouts` from dry
+            forwards of ``model`` at ``input_size`` and twice that, an error that says how to
+            declare them when it cannot decide. Kept in :attr:`layouts`.
+        prefix_tokens: leading tokens of ``(B, N, C)`` maps (class, distillation, register
+            tokens) that ``fm`` and ``delta`` leave out, one count for every token layer or by
+            layer name (see :func:`~deltaft.regularizers.functional.delta_penalty`); 0 keeps
+            them. :func:`~deltaft.layouts.declared_prefix_tokens` reads a model's count; pass
+            the same value to the attention estimate.
 
     Example:
         >>> import copy, torch, torchvision
@@ -141,9 +148,10 @@ class TransferObjective(nn.Module):
         input_size: int = 224,
         bss: float = 0.0,
         bss_k: int = 1,
-        layouts: Mapping[str, Layout] | None = None,
+        layouts: Mapping[str, Layout] | Layout | None = None,
         relationship: Tensor | None = None,
         lwf_temperature: float = 3.0,
+        prefix_tokens: PrefixTokens = 0,
     ) -> None:
         super().__init__()
         _check_arguments(method, layers, attention, alpha, beta, weight_decay)
@@ -174,6 +182,7 @@ class TransferObjective(nn.Module):
         else:
             self.source = FrozenSource(source, source_layers)
         self.lwf_temperature = float(lwf_temperature)
+        self.prefix_tokens = prefix_tokens
         self.terms = nn.ModuleDict(self._build_terms(attention, reduction, relationship))
 
     # -- construction helpers -------------------------------------------------------------------
@@ -189,10 +198,13 @@ class TransferObjective(nn.Module):
         return default_layers(self.model, input_size=input_size)
 
     def _resolve_layouts(
-        self, layouts: Mapping[str, Layout] | None, input_size: int
+        self, layouts: Mapping[str, Layout] | Layout | None, input_size: int
     ) -> dict[str, Layout]:
         if layouts is None:
             return detect_layouts(self.model, self.layers, input_size=input_size)
+        if isinstance(layouts, str):
+            channel_axis(layouts)  # checks the name
+            return dict.fromkeys(self.layers, layouts)
         missing = [n for n in self.layers if n not in layouts]
         if missing:
             raise ValueError(f"No layout for layers {missing}; layouts cover {sorted(layouts)}.")
@@ -206,10 +218,12 @@ class TransferObjective(nn.Module):
         """The regularizers by the part they produce, in the order they are added to the loss."""
         terms: dict[str, nn.Module] = {}
         if self.method == "fm":
-            terms["reg/fm"] = FeatureMapRegularizer(reduction, self.layouts)
+            terms["reg/fm"] = FeatureMapRegularizer(reduction, self.layouts, self.prefix_tokens)
         elif self.method == "delta":
             weights = self._attention_weights(attention)
-            terms["reg/delta"] = DeltaRegularizer(self.layers, weights, reduction, self.layouts)
+            terms["reg/delta"] = DeltaRegularizer(
+                self.layers, weights, reduction, self.layouts, self.prefix_tokens
+            )
         elif self.method == "l2sp":
             terms["reg/l2sp"] = L2SPRegularizer(self._source_reference())
         elif self.method == "cotuning":
@@ -231,8 +245,22 @@ class TransferObjective(nn.Module):
             return None
         if hasattr(attention, "check_compatible"):
             attention.check_compatible(self.layers, model_fingerprint=self.source.fingerprint())
+            self._check_prefix_tokens(attention)
             return dict(attention.weights)
         return dict(attention)
+
+    def _check_prefix_tokens(self, attention: ChannelAttention) -> None:
+        """Refuse estimated attention that scored other tokens than the penalty compares."""
+        if attention.method == "uniform":
+            return
+        scored = prefix_by_layer(getattr(attention, "prefix_tokens", 0), self.layouts)
+        penalized = prefix_by_layer(self.prefix_tokens, self.layouts)
+        if scored != penalized:
+            raise ValueError(
+                f"The attention was scored with prefix tokens {scored or 'none'} left out, but "
+                f"the penalty leaves out {penalized or 'none'}; estimate it with the same "
+                "prefix_tokens (--exclude-prefix-tokens on the command line)."
+            )
 
     def _source_reference(self) -> dict[str, Tensor]:
         source_params = dict(self.source.network.named_parameters())

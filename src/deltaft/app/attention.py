@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,11 +24,13 @@ from deltaft.app.build import (
     make_loader,
     resolve_device,
     seed_everything,
-    select_layers,
+    select_layers_and_layouts,
+    select_prefix_tokens,
 )
 from deltaft.app.config import TrainConfig
 from deltaft.app.errors import SettingError, literal
 from deltaft.attention import ChannelAttention, estimate_channel_attention
+from deltaft.layers import Layout
 
 __all__ = ["estimate_attention", "load_attention", "run_attention", "training_fingerprint"]
 
@@ -112,11 +114,16 @@ def estimate_attention(
     device: torch.device,
     *,
     progress: bool = False,
+    layouts: Mapping[str, Layout] | None = None,
+    prefix_tokens: int = 0,
 ) -> ChannelAttention:
     """Estimate the channel attention on the training split, reproducibly from ``cfg.seed``
     (the RNGs are seeded from ``(seed, "attention")``, the data order from
     ``(seed, "attention-data")``); ``progress`` shows a bar while the channels are scored.
-    The result records the :func:`training_fingerprint` of ``train``.
+    The result records the :func:`training_fingerprint` of ``train``. ``layouts``: the layers'
+    layouts as the run decided them (:func:`~deltaft.app.build.select_layers_and_layouts`);
+    ``None`` detects them. ``prefix_tokens``: leading tokens of ``(B, N, C)`` maps not scored
+    (:func:`~deltaft.app.build.select_prefix_tokens`).
 
     Raises:
         ValueError: estimation failed; the message starts with ``attention estimation:``.
@@ -139,6 +146,8 @@ def estimate_attention(
             head=head,
             device=device,
             progress=progress,
+            layouts=layouts,
+            prefix_tokens=prefix_tokens,
         )
     except ValueError as error:
         raise ValueError(f"attention estimation: {error}") from None
@@ -170,7 +179,9 @@ def run_attention(
     if path.exists():
         raise SettingError(f"{path} exists; choose a new {{out}} file (nothing is overwritten).")
     built = build_run(cfg, resolve_device(cfg.device))
-    layers = select_layers(cfg.layers, built.model, built.image_size)
+    layers, layouts = select_layers_and_layouts(
+        cfg.layers, built.model, built.image_size, cfg.layout
+    )
     attention = estimate_attention(
         cfg,
         built.source,
@@ -180,6 +191,8 @@ def run_attention(
         built.head,
         built.device,
         progress=progress,
+        layouts=layouts,
+        prefix_tokens=select_prefix_tokens(cfg.exclude_prefix_tokens, built.source, layouts),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     attention.save(path)

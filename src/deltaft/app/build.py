@@ -12,22 +12,23 @@ import copy
 import hashlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
-from deltaft.app.config import TrainConfig
+from deltaft.app.config import LayoutSetting, TrainConfig
 from deltaft.app.data import DataSplits, SampleSeeds, SeededDataset, build_datasets
 from deltaft.app.distributed import DistInfo
 from deltaft.app.errors import SettingError
 from deltaft.app.models import ModelInfo, build_model
 from deltaft.heads import replace_head
-from deltaft.layers import default_layers, validate_layers
+from deltaft.layers import Layout, check_layers, default_layers, validate_layers
+from deltaft.layouts import declared_prefix_tokens
 
 __all__ = [
     "BuiltRun",
@@ -38,6 +39,8 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "select_layers",
+    "select_layers_and_layouts",
+    "select_prefix_tokens",
     "verify_data",
 ]
 
@@ -193,6 +196,56 @@ def select_layers(names: Sequence[str] | None, model: nn.Module, image_size: int
     layers = names or default_layers(model, input_size=image_size)
     validate_layers(model, layers, input_size=image_size)
     return list(layers)
+
+
+def select_layers_and_layouts(
+    names: Sequence[str] | None,
+    model: nn.Module,
+    image_size: int,
+    layout: LayoutSetting = "auto",
+) -> tuple[list[str], dict[str, Layout]]:
+    """:func:`select_layers` and the layers' layouts, decided once for the whole run.
+
+    ``layout`` is the ``layout`` setting: ``auto`` detects each layer's layout from dry forwards
+    at two input sizes; ``BCHW``, ``BHWC`` or ``BNC`` declares it for every layer, checked
+    against the same forwards (:func:`~deltaft.layers.check_layers`). The objective and the
+    attention estimation both take the result, so they read the maps on the same axis.
+
+    Raises:
+        ValueError: a name that is not a layer of ``model`` with a feature-map output, a layout
+            that cannot be decided (the message says to pass ``--layout``) or a declared one
+            that the maps contradict.
+    """
+    layers = list(names or default_layers(model, input_size=image_size))
+    declared = None if layout == "auto" else cast(Layout, layout)
+    return layers, check_layers(model, layers, input_size=image_size, layouts=declared)
+
+
+def select_prefix_tokens(exclude: bool, model: nn.Module, layouts: Mapping[str, Layout]) -> int:
+    """The leading tokens of ``(B, N, C)`` maps that a run leaves out: 0 unless ``exclude``
+    (the ``exclude_prefix_tokens`` setting), then the count ``model`` declares
+    (:func:`~deltaft.layouts.declared_prefix_tokens`: timm's ``num_prefix_tokens``, torchvision
+    ViT's class token, Hugging Face ViT-style embeddings' class, distillation and register
+    tokens). A user count is not offered: a wrong one would silently drop patch tokens or keep a
+    class token.
+
+    Raises:
+        SettingError: ``exclude`` for a model that declares no count.
+    """
+    if not exclude:
+        return 0
+    count = declared_prefix_tokens(model)
+    if count is None:
+        raise SettingError(
+            f"{{exclude_prefix_tokens}}: {type(model).__name__} declares no prefix tokens (no "
+            "num_prefix_tokens attribute, class token or HF embeddings tokens); set "
+            "model.num_prefix_tokens in its factory, or leave the setting off."
+        )
+    if "BNC" not in layouts.values():
+        logger.warning(
+            "--exclude-prefix-tokens has no effect: no regularized layer is a (B, N, C) token map."
+        )
+    return count
 
 
 @dataclass

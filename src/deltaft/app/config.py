@@ -53,6 +53,7 @@ Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "exponential", "cosine"]
 SourceBN = Literal["running", "batch"]
 Relationship = Literal["reverse", "direct"]
+LayoutSetting = Literal["auto", "BCHW", "BHWC", "BNC"]
 
 DEFAULT_EPOCHS = 10
 # Pairs of settings of which a run takes one at most; a later source that sets one drops the other.
@@ -147,6 +148,12 @@ class TrainConfig:
         lwf_trade_off: weight of LwF's distillation penalty (which has the ``T^2`` factor).
         lwf_temperature: LwF's distillation temperature ``T``.
         spd_lambda: strength of SPD's selective projection (the optimizer's ``weight_decay``).
+        layout: the layout of every regularized layer's map: ``auto`` (detected by
+            :func:`~deltaft.layers.check_layers`), ``BCHW``, ``BHWC`` or ``BNC`` (checked against
+            the same dry forwards); decided once per run for the objective and the attention.
+        exclude_prefix_tokens: leave the first tokens of ``(B, N, C)`` maps (class,
+            distillation, register tokens) out of the penalty and the attention scores; their
+            count is the model's declaration (:func:`deltaft.app.models.prefix_token_count`).
     """
 
     data: str = field(
@@ -323,6 +330,22 @@ class TrainConfig:
         metadata=_meta(
             "SPD's projection strength (GT-RIPL AdamSPD's weight_decay; the authors' code sets "
             "none, 1 projects a step back to its previous distance)"
+        ),
+    )
+
+    # -- feature-map layouts and prefix tokens (issue #11) ----------------------------------------
+    layout: LayoutSetting = field(
+        default="auto",
+        metadata=_meta(
+            "layout of every regularized layer's map: auto (found by dry forwards at two input "
+            "sizes), BCHW, BHWC (channels last) or BNC (tokens)"
+        ),
+    )
+    exclude_prefix_tokens: bool = field(
+        default=False,
+        metadata=_meta(
+            "leave the class/distillation/register tokens of (B, N, C) maps out of the penalty "
+            "and the attention scores; their count is the model's (default: included)"
         ),
     )
 

@@ -5,6 +5,9 @@ Model names:
 * a torchvision classification model: ``resnet50``, ``mobilenet_v2``, ``inception_v3``, ... (see
   ``torchvision.models.list_models(module=torchvision.models)``);
 * ``timm:NAME``, or a bare name that only timm knows (needs ``pip install 'deltaft[timm]'``);
+* ``hf:NAME_OR_PATH``: a Hugging Face image classifier through
+  ``transformers.AutoModelForImageClassification`` (a hub name, or a local folder written by
+  ``save_pretrained``; needs ``pip install 'deltaft[hf]'``, see :mod:`deltaft.app.hf`);
 * ``pkg.module:factory``, a function returning an ``nn.Module``; it is called as
   ``factory(num_classes=N)`` when ``num_classes`` is given and the factory accepts it, else as
   ``factory()``.
@@ -48,6 +51,7 @@ from torch import nn
 
 from deltaft.app.config_io import runs_code
 from deltaft.app.errors import SettingError, literal
+from deltaft.app.hf import hf_meta, hf_model
 from deltaft.app.weights import (
     OFFLINE_DISTRIBUTION,
     OFFLINE_WEIGHTS,
@@ -81,7 +85,7 @@ _OFFLINE_ENUM_MEMBER = {"mobilenet_v2": "IMAGENET1K_V1"}
 # Models built without auxiliary classifiers, so that forward returns plain logits in train mode.
 _AUX_MODELS = ("googlenet", "inception_v3")
 
-_Kind = Literal["torchvision", "timm", "factory"]
+_Kind = Literal["torchvision", "timm", "factory", "hf"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ def _resolve(name: str) -> tuple[_Kind, str]:
     """Which library builds ``name``, and the name that library knows it by."""
     if name.startswith("timm:"):
         return "timm", name[len("timm:") :]
+    if name.startswith("hf:"):
+        return "hf", name[len("hf:") :]
     if runs_code(name):
         return "factory", name
     tv_names = _torchvision_names()
@@ -148,7 +154,7 @@ def _resolve(name: str) -> tuple[_Kind, str]:
     timm_hint = "" if timm is not None else " (timm models need pip install 'deltaft[timm]')"
     raise ValueError(
         f"Unknown model {name!r}; {hint}use a torchvision classification model name, "
-        f"timm:NAME{timm_hint} or pkg.module:factory."
+        f"timm:NAME{timm_hint}, hf:NAME_OR_PATH or pkg.module:factory."
     )
 
 
@@ -310,7 +316,8 @@ def build_model(
     already has ``num_classes`` outputs (a fine-tuned checkpoint) loads into it in full.
 
     Args:
-        name: torchvision name, ``timm:NAME`` (or a bare timm name), or ``pkg.module:factory``.
+        name: torchvision name, ``timm:NAME`` (or a bare timm name), ``hf:NAME_OR_PATH`` or
+            ``pkg.module:factory``.
         weights: ``"imagenet"``, ``"none"``, or the path of a weights file (module docstring).
         num_classes: number of target classes of a new head, or ``None`` for the source network.
         head: dotted name of the head, when :func:`deltaft.heads.find_head` cannot find it.
@@ -334,6 +341,9 @@ def build_model(
     elif kind == "timm":
         model = _timm_model(arch, mode)
         size, mean, std = _cfg_meta(model)
+    elif kind == "hf":
+        model = hf_model(arch, mode)
+        size, mean, std = hf_meta(arch, model)
     else:
         model, took_classes = _factory_model(arch, mode, num_classes)
         size, mean, std = _cfg_meta(model)

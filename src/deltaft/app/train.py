@@ -22,7 +22,14 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from deltaft.app import anchored, distributed
 from deltaft.app.attention import estimate_attention, load_attention
-from deltaft.app.build import BuiltRun, build_run, make_loader, resolve_device, select_layers
+from deltaft.app.build import (
+    BuiltRun,
+    build_run,
+    make_loader,
+    resolve_device,
+    select_layers_and_layouts,
+    select_prefix_tokens,
+)
 from deltaft.app.checkpoint import Checkpointer, open_run
 from deltaft.app.checks import outside_data
 from deltaft.app.config import TrainConfig
@@ -33,6 +40,7 @@ from deltaft.app.report import BalanceWarning
 from deltaft.app.tracking import RunDir, file_sha256
 from deltaft.attention import ChannelAttention, model_fingerprint
 from deltaft.engine import Amp, ProgressFn, TrainingInterrupted
+from deltaft.layers import Layout
 from deltaft.objective import METHODS, TransferObjective
 from deltaft.source import FrozenSource
 
@@ -161,13 +169,14 @@ def _device_tweaks(cfg: TrainConfig, device: torch.device) -> tuple[Amp, bool]:
     return amp, channels_last
 
 
-def _layers(cfg: TrainConfig, built: BuiltRun) -> list[str] | None:
-    """The regularized layers (``fm``/``delta``), validated; ``None`` for the other methods."""
+def _layers(cfg: TrainConfig, built: BuiltRun) -> tuple[list[str] | None, dict[str, Layout]]:
+    """The regularized layers (``fm``/``delta``), validated, and their layouts, decided once;
+    ``(None, {})`` for the other methods."""
     if not cfg.spec.feature_maps:
         if cfg.layers:
             logger.warning("--layers ignored: method %s regularizes no feature map.", cfg.method)
-        return None
-    return select_layers(cfg.layers, built.model, built.image_size)
+        return None, {}
+    return select_layers_and_layouts(cfg.layers, built.model, built.image_size, cfg.layout)
 
 
 def _attention(
@@ -176,6 +185,8 @@ def _attention(
     resume_state: Mapping[str, Any] | None,
     built: BuiltRun,
     layers: list[str],
+    layouts: Mapping[str, Layout],
+    prefix_tokens: int,
     dist: DistInfo,
     progress: bool,
 ) -> ChannelAttention:
@@ -194,7 +205,16 @@ def _attention(
     if dist.is_main:
         train, classes = built.splits.train, len(built.classes)
         estimated = estimate_attention(
-            cfg, built.source, train, layers, classes, built.head, built.device, progress=progress
+            cfg,
+            built.source,
+            train,
+            layers,
+            classes,
+            built.head,
+            built.device,
+            progress=progress,
+            layouts=layouts,
+            prefix_tokens=prefix_tokens,
         )
     return dist.broadcast_object(estimated)
 
@@ -226,6 +246,8 @@ def _objective(
     built: BuiltRun,
     layers: list[str] | None,
     attention: ChannelAttention | None,
+    layouts: Mapping[str, Layout],
+    prefix_tokens: int,
     relationship: torch.Tensor | None = None,
 ) -> TransferObjective:
     """The training objective: ``built.model`` regularized towards ``built.source``."""
@@ -245,6 +267,8 @@ def _objective(
         input_size=built.image_size,
         relationship=relationship,
         lwf_temperature=cfg.lwf_temperature,
+        layouts=dict(layouts) if layers else None,
+        prefix_tokens=prefix_tokens,
     )
 
 
@@ -337,20 +361,27 @@ def _build(
             f"the run in {run.path} started from; resume with the same weights or start a "
             "new {out}."
         )
-    layers = _layers(cfg, built)
+    layers, layouts = _layers(cfg, built)
+    prefix = select_prefix_tokens(cfg.exclude_prefix_tokens, built.source, layouts) if layers else 0
     attention, attention_seconds = None, 0.0
     if cfg.spec.base == "delta" and layers is not None:
         tic = time.perf_counter()
-        attention = _attention(cfg, run, resume_state, built, layers, dist, attention_progress)
+        attention = _attention(
+            cfg, run, resume_state, built, layers, layouts, prefix, dist, attention_progress
+        )
         attention_seconds = time.perf_counter() - tic
-        layers = attention.layers if cfg.layers is None else layers
+        if cfg.layers is None and attention.layers != layers:  # a loaded file's layers
+            layers, layouts = select_layers_and_layouts(
+                attention.layers, built.model, built.image_size, cfg.layout
+            )
     elif cfg.attention:
         logger.warning("--attention ignored: method %s uses no attention.", cfg.method)
     anchored.warn_unused_settings(cfg)
     relationship = None
     if cfg.spec.base == "cotuning":
         relationship = anchored.run_relationship(cfg, run, resume_state, built, dist)
-    objective = _objective(cfg, built, layers, attention, relationship).to(device)
+    objective = _objective(cfg, built, layers, attention, layouts, prefix, relationship)
+    objective = objective.to(device)
     if channels_last:
         objective.to(memory_format=torch.channels_last)
     loaders = _loaders(cfg, built, dist)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,7 +25,8 @@ from deltaft.attention.fingerprint import batches_fingerprint, model_fingerprint
 from deltaft.attention.scores import attention_from_scores, channel_removal_scores
 from deltaft.attention.value import ChannelAttention
 from deltaft.heads import replace_head
-from deltaft.layers import resolve_layers
+from deltaft.layers import Layout, resolve_layers
+from deltaft.layouts import PrefixTokens
 
 __all__ = ["BatchNormMode", "estimate_channel_attention"]
 
@@ -112,6 +113,8 @@ def estimate_channel_attention(
     device: torch.device | str | None = None,
     score_loader: Iterable[Any] | None = None,
     progress: bool = False,
+    layouts: Mapping[str, Layout] | Layout | None = None,
+    prefix_tokens: PrefixTokens = 0,
 ) -> ChannelAttention:
     """DELTA's supervised channel attention for ``source`` on the target data.
 
@@ -131,7 +134,8 @@ def estimate_channel_attention(
     Args:
         source: the pre-trained network (with its original head).
         loader: target training batches ``(x, y)``, ``y`` in ``[0, num_classes)``.
-        layers: dotted names of the modules to weight; outputs must be ``(B, C, H, W)``.
+        layers: dotted names of the modules to weight; outputs ``(B, C, H, W)``, channels-last
+            ``(B, H, W, C)`` or tokens ``(B, N, C)``.
         num_classes: number of target classes.
         epochs, lr, momentum, weight_decay: the head's training schedule.
         lr_gamma: the lr's factor per epoch, in ``(0, 1]`` (``1`` keeps it constant).
@@ -145,6 +149,12 @@ def estimate_channel_attention(
             make the result reproducible).
         progress: show a progress bar on stderr while the channels are scored (see
             :func:`~deltaft.attention.channel_removal_scores`).
+        layouts: the layers' layouts, one for all or by name (``"BCHW"``, ``"BHWC"``,
+            ``"BNC"``), e.g. from :func:`~deltaft.layers.check_layers`, so that the scores and
+            :class:`~deltaft.objective.TransferObjective` read the same axis; ``None``: detected
+            by :func:`~deltaft.attention.channel_removal_scores`.
+        prefix_tokens: leading tokens of ``(B, N, C)`` maps that are not scored (see
+            :func:`~deltaft.attention.channel_removal_scores`); pass the objective's value.
 
     Returns:
         A :class:`ChannelAttention` with the source's and the scored batches' fingerprints.
@@ -190,7 +200,14 @@ def estimate_channel_attention(
     )
     batches = take_batches(loader if score_loader is None else score_loader, n_batches)
     scores = channel_removal_scores(
-        model, batches, layers, n_batches=len(batches), method=method, progress=progress
+        model,
+        batches,
+        layers,
+        n_batches=len(batches),
+        method=method,
+        progress=progress,
+        layouts=layouts,
+        prefix_tokens=prefix_tokens,
     )
     return ChannelAttention(
         weights=attention_from_scores(scores, temperature),
@@ -200,4 +217,5 @@ def estimate_channel_attention(
         model_fingerprint=fingerprint,
         data_fingerprint=batches_fingerprint(batches),
         method=method,
+        prefix_tokens=dict(prefix_tokens) if isinstance(prefix_tokens, Mapping) else prefix_tokens,
     )

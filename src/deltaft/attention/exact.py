@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
 
+from deltaft._probe import output_map, replace_map
 from deltaft._utils import first_line
 from deltaft._utils import logits_of as _logits
 from deltaft.attention._common import Batch, LossFn, batch_loss
@@ -40,20 +41,32 @@ def _batched_forward_logits(
     """Logits ``(K*B, N)`` of ``model`` on ``x`` repeated K times, replica k without channel k."""
     k = mask.shape[0]
 
-    def hook(mod: nn.Module, args: Any, output: Tensor) -> Tensor:
-        if output.shape[0] != k * x.shape[0]:
+    def hook(mod: nn.Module, args: Any, output: Any) -> Any:
+        found = cast(Tensor, output_map(output))  # a tuple's first element is the map
+        if found.shape[0] != k * x.shape[0]:
             raise ValueError(
-                f"Layer {name!r} returned a batch of {output.shape[0]} for an input batch of "
+                f"Layer {name!r} returned a batch of {found.shape[0]} for an input batch of "
                 f"{k * x.shape[0]}; the exact method needs a model that treats samples "
                 "independently. Use method='reference' for this model."
             )
-        return mask_replicas(output, mask)
+        return replace_map(output, mask_replicas(found, mask))
 
     handle = module.register_forward_hook(hook)
     try:
         return _logits(model(x.repeat(k, *([1] * (x.dim() - 1)))))  # input (K*B, ...)
     finally:
         handle.remove()
+
+
+def _keep_prefix(mask: Tensor, prefix: int, tokens: int) -> Tensor:
+    """``mask`` ``(K, 1, 1, C)`` of a ``(B, N, C)`` layer widened to ``(K, 1, N, C)`` with its first
+    ``prefix`` tokens all ones (no channel removed there); ``mask`` itself when ``prefix`` is 0.
+    Built per chunk of ``K`` channels: ``K * N * C`` values, a ``B``-th of the replicas' map."""
+    if not prefix:
+        return mask
+    wide = mask.expand(mask.shape[0], 1, tokens, mask.shape[-1]).clone()  # (K, 1, N, C)
+    wide[:, :, :prefix] = 1
+    return wide
 
 
 def _trace(model: nn.Module, modules: Mapping[str, nn.Module]) -> GraphReplay | None:
@@ -86,10 +99,12 @@ def exact_scores(
     device: torch.device,
     chunk_size: int | None,
     progress: Any,
+    prefixes: Mapping[str, int] | None = None,
 ) -> dict[str, Tensor]:
     """Sum over batches of the ``(C,)`` loss increases, per layer (on ``device``).
 
-    ``progress`` (a tqdm bar) advances by the number of channels scored.
+    ``progress`` (a tqdm bar) advances by the number of channels scored. ``prefixes``: leading
+    tokens of ``(B, N, C)`` layers that no replica zeroes (see :func:`_keep_prefix`).
     """
     replay = _trace(model, modules)
     for name in modules:
@@ -110,16 +125,26 @@ def exact_scores(
             channels = shapes[name][channel_axis(layouts[name])]
             if name not in masks:
                 masks[name] = channel_masks(channels, logits.dtype, device, layouts[name])
+            keep = (prefixes or {}).get(name, 0), shapes[name][1]  # (P, N) of a BNC layer
             deltas = None
             if replay is not None and name in replay.plans:
                 deltas = _replay_or_none(
-                    replay, name, snaps[name], masks[name], chunk_size, y, base, loss_fn, progress
+                    replay,
+                    name,
+                    snaps[name],
+                    masks[name],
+                    chunk_size,
+                    y,
+                    base,
+                    loss_fn,
+                    progress,
+                    keep,
                 )
             if deltas is None:
                 per_replica = math.prod(shapes[name]) * logits.element_size()
                 chunk = chunk_size or _default_chunk(channels, per_replica, device)
                 deltas = _forward_deltas(
-                    model, module, name, x, y, base, masks[name], chunk, loss_fn, progress
+                    model, module, name, x, y, base, masks[name], chunk, loss_fn, progress, keep
                 )
             totals[name] = totals[name] + deltas if name in totals else deltas
     return totals
@@ -135,12 +160,13 @@ def _replay_or_none(
     base: Tensor,
     loss_fn: LossFn | None,
     progress: Any,
+    keep: tuple[int, int],
 ) -> Tensor | None:
     """:func:`_replay_deltas`, or ``None`` (the layer's plan dropped) when the replay fails."""
     chunk = chunk_size or _default_chunk(masks.shape[0], replay.peak_bytes(name), masks.device)
     done = progress.n
     try:
-        return _replay_deltas(replay, name, snaps, masks, chunk, y, base, loss_fn, progress)
+        return _replay_deltas(replay, name, snaps, masks, chunk, y, base, loss_fn, progress, keep)
     except Exception as error:
         logger.warning(
             "Replaying the layers downstream of %r on batched replicas failed "
@@ -164,6 +190,7 @@ def _replay_deltas(
     base: Tensor,
     loss_fn: LossFn | None,
     progress: Any,
+    keep: tuple[int, int],
 ) -> Tensor:
     """``(C,)`` loss increases of one layer on one batch, from the downstream replay."""
     if not replay.plans[name].affects_output:  # no channel of this layer reaches the output
@@ -171,7 +198,7 @@ def _replay_deltas(
         return torch.zeros(masks.shape[0], dtype=masks.dtype, device=masks.device)
     parts = []
     for start in range(0, masks.shape[0], chunk):
-        mask = masks[start : start + chunk]  # (K, 1, ...): see channel_masks
+        mask = _keep_prefix(masks[start : start + chunk], *keep)  # (K, 1, ...): channel_masks
         logits = _logits(replay.replay(name, snaps, mask, y.shape[0]))  # (K*B, N)
         parts.append(replica_losses(logits, y, mask.shape[0], loss_fn) - base)
         progress.update(mask.shape[0])
@@ -189,11 +216,12 @@ def _forward_deltas(
     chunk: int,
     loss_fn: LossFn | None,
     progress: Any,
+    keep: tuple[int, int],
 ) -> Tensor:
     """``(C,)`` loss increases of one layer on one batch, from batched full forwards."""
     parts = []
     for start in range(0, masks.shape[0], chunk):
-        mask = masks[start : start + chunk]  # (K, 1, ...): see channel_masks
+        mask = _keep_prefix(masks[start : start + chunk], *keep)  # (K, 1, ...): channel_masks
         logits = _batched_forward_logits(model, module, name, x, mask)  # (K*B, N)
         parts.append(replica_losses(logits, y, mask.shape[0], loss_fn) - base)
         progress.update(mask.shape[0])

@@ -9,12 +9,13 @@ batch). :func:`attention_from_scores` turns the scores into per-layer softmax we
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from deltaft._probe import output_map, replace_map
 from deltaft._utils import dtype_device, eval_mode
 from deltaft._utils import logits_of as _logits
 from deltaft.attention._common import (
@@ -27,6 +28,7 @@ from deltaft.attention._common import (
     take_batches,
 )
 from deltaft.attention.exact import exact_scores
+from deltaft.attention.taylor import taylor_batch
 from deltaft.layers import (
     Layout,
     channel_axis,
@@ -35,6 +37,7 @@ from deltaft.layers import (
     output_shapes,
     resolve_layers,
 )
+from deltaft.layouts import PrefixTokens, prefix_count
 
 __all__ = ["attention_from_scores", "channel_removal_scores"]
 
@@ -51,6 +54,7 @@ def channel_removal_scores(
     chunk_size: int | None = None,
     progress: bool = False,
     layouts: Mapping[str, Layout] | Layout | None = None,
+    prefix_tokens: PrefixTokens = 0,
 ) -> dict[str, Tensor]:
     r"""How much the loss grows when each channel of each layer is removed.
 
@@ -63,8 +67,11 @@ def channel_removal_scores(
     Removing a channel zeroes channel ``j`` of module ``l``'s output for every sample, at every
     position or token: ``output[:, j]`` of a ``(B, C, H, W)`` map (for a bias-free convolution
     this is the reference's zeroing of filter ``j``), ``output[..., j]`` of a ``(B, H, W, C)`` or
-    ``(B, N, C)`` map. ``model``'s modes are restored afterwards and its parameters are not
-    changed.
+    ``(B, N, C)`` map. With ``prefix_tokens = P`` for a ``(B, N, C)`` layer, channel ``j`` is
+    zeroed at the tokens ``n >= P`` only, ``output[:, P:, j]``: the class, distillation and
+    register tokens stay, as they stay out of :func:`~deltaft.regularizers.delta_penalty`
+    with the same ``prefix_tokens``. ``model``'s modes are restored afterwards and its
+    parameters are not changed.
 
     Methods:
 
@@ -104,6 +111,9 @@ def channel_removal_scores(
         layouts: ``"BCHW"``, ``"BHWC"`` or ``"BNC"`` for every layer, or a mapping by layer
             name. ``None`` (default): found by :func:`~deltaft.layers.detect_layouts` from dry
             forwards of one sample of the first batch at its size and at twice its size.
+        prefix_tokens: leading tokens of ``(B, N, C)`` maps that are not scored (see above):
+            one count for every token layer (ignored for 4-D maps) or a mapping by layer name;
+            0 (default) scores every token.
 
     Returns:
         ``{layer: delta (C,)}`` in the order of ``layers``, on the CPU, in the model's dtype.
@@ -138,6 +148,10 @@ def channel_removal_scores(
         else:
             found = {name: layout_of(name, shapes[name], layouts) for name in modules}
         channels = {name: _channels(name, calls[name], found[name]) for name in modules}
+        prefixes = {
+            name: prefix_count(name, found[name], shapes[name], prefix_tokens, list(modules))
+            for name in modules
+        }
         total = sum(channels.values()) * len(batches)
         with tqdm(
             total=total,
@@ -147,7 +161,17 @@ def channel_removal_scores(
             leave=False,
         ) as bar:
             totals = _summed_scores(
-                method, model, batches, modules, shapes, found, loss_fn, device, chunk_size, bar
+                method,
+                model,
+                batches,
+                modules,
+                shapes,
+                found,
+                prefixes,
+                loss_fn,
+                device,
+                chunk_size,
+                bar,
             )
     # One transfer at the end; clone() outside inference mode gives ordinary tensors.
     return {name: (totals[name] / len(batches)).to("cpu", dtype).clone() for name in modules}
@@ -160,29 +184,50 @@ def _summed_scores(
     modules: Mapping[str, nn.Module],
     shapes: Mapping[str, tuple[int, ...]],
     layouts: Mapping[str, Layout],
+    prefixes: Mapping[str, int],
     loss_fn: LossFn | None,
     device: torch.device,
     chunk_size: int | None,
     progress: Any,
 ) -> dict[str, Tensor]:
-    """Sum over ``batches`` of the ``(C,)`` loss increases, per layer, by ``method``."""
+    """Sum over ``batches`` of the ``(C,)`` loss increases, per layer, by ``method``; the first
+    ``prefixes[name]`` tokens of a ``(B, N, C)`` layer are not zeroed."""
     totals: dict[str, Tensor] = {}
     axes = {name: channel_axis(layout) for name, layout in layouts.items()}
     if method == "taylor":  # needs autograd: outside inference mode
         channels = sum(shapes[name][axes[name]] for name in modules)
         for x, y in batches:
-            deltas = _taylor_batch(model, x.to(device), y.to(device), modules, axes, loss_fn)
+            deltas = taylor_batch(
+                model, x.to(device), y.to(device), modules, axes, prefixes, loss_fn
+            )
             _add_into(totals, deltas)
             progress.update(channels)
         return totals
     with torch.inference_mode():
         if method == "exact":
             return exact_scores(
-                model, batches, modules, shapes, layouts, loss_fn, device, chunk_size, progress
+                model,
+                batches,
+                modules,
+                shapes,
+                layouts,
+                loss_fn,
+                device,
+                chunk_size,
+                progress,
+                prefixes,
             )
         for x, y in batches:
             deltas = _reference_batch(
-                model, x.to(device), y.to(device), modules, shapes, axes, loss_fn, progress
+                model,
+                x.to(device),
+                y.to(device),
+                modules,
+                shapes,
+                axes,
+                prefixes,
+                loss_fn,
+                progress,
             )
             _add_into(totals, deltas)
     return totals
@@ -235,11 +280,14 @@ def _as_map(name: str, shape: tuple[int, ...] | type, batch: int) -> tuple[int, 
 # ------------------------------------------------------------------------------------------------
 # method="reference": one full forward per channel per batch
 # ------------------------------------------------------------------------------------------------
-def _zero_channel_hook(channel: int, axis: int) -> Callable[[nn.Module, Any, Tensor], Tensor]:
-    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-        output = output.clone()
-        output.select(axis, channel).zero_()  # channel j at every position or token
-        return output
+def _zero_channel_hook(
+    channel: int, axis: int, prefix: int
+) -> Callable[[nn.Module, Any, Any], Any]:
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        zeroed = cast(Tensor, output_map(output)).clone()  # a tuple's first element is the map
+        kept = zeroed[:, prefix:] if prefix else zeroed  # (B, N - P, C): the prefix stays
+        kept.select(axis, channel).zero_()  # channel j at every position or token
+        return replace_map(output, zeroed)
 
     return hook
 
@@ -251,6 +299,7 @@ def _reference_batch(
     modules: Mapping[str, nn.Module],
     shapes: Mapping[str, tuple[int, ...]],
     axes: Mapping[str, int],
+    prefixes: Mapping[str, int],
     loss_fn: LossFn | None,
     progress: Any,
 ) -> dict[str, Tensor]:
@@ -259,60 +308,14 @@ def _reference_batch(
     for name, module in modules.items():
         losses = []
         for j in range(shapes[name][axes[name]]):
-            handle = module.register_forward_hook(_zero_channel_hook(j, axes[name]))
+            hook = _zero_channel_hook(j, axes[name], prefixes[name])
+            handle = module.register_forward_hook(hook)
             try:
                 losses.append(batch_loss(_logits(model(x)), y, loss_fn))
             finally:
                 handle.remove()
             progress.update(1)
         deltas[name] = torch.stack(losses) - base
-    return deltas
-
-
-# ------------------------------------------------------------------------------------------------
-# method="taylor": first-order estimate from one backward pass per batch
-# ------------------------------------------------------------------------------------------------
-def _taylor_batch(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    modules: Mapping[str, nn.Module],
-    axes: Mapping[str, int],
-    loss_fn: LossFn | None,
-) -> dict[str, Tensor]:
-    captured: dict[str, list[Tensor]] = {name: [] for name in modules}
-
-    def recorder(name: str) -> Callable[[nn.Module, Any, Tensor], Tensor]:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-            # Nothing upstream needs a gradient when the output does not require one.
-            a = output if output.requires_grad else output.detach().requires_grad_(True)
-            captured[name].append(a)
-            return a.clone()  # later in-place ops must not change the captured `a`
-
-        return hook
-
-    handles = [m.register_forward_hook(recorder(name)) for name, m in modules.items()]
-    try:
-        with torch.enable_grad():
-            loss = batch_loss(_logits(model(x)), y, loss_fn)
-            flat = [a for name in modules for a in captured[name]]
-            grads = torch.autograd.grad(loss, flat, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    deltas = {}
-    position = 0
-    for name in modules:
-        axis = axes[name]
-        channels = captured[name][0].shape[axis]
-        total = torch.zeros(channels, dtype=loss.dtype, device=loss.device)
-        for a in captured[name]:
-            grad = grads[position]
-            position += 1
-            if grad is not None:
-                others = tuple(d for d in range(a.dim()) if d != axis)  # all but the channels
-                total = total - (grad * a.detach()).sum(dim=others)  # (C,)
-        deltas[name] = total
     return deltas
 
 

@@ -33,8 +33,9 @@ _METADATA_KEYS = (
     "data_fingerprint",
     "method",
 )
-# Files written before the training split was recorded lack it: read as "".
-_OPTIONAL_KEYS = ("dataset_fingerprint",)
+# Files written before the training split (or the prefix tokens) were recorded lack them: read
+# as "" (and 0: every token was scored then).
+_OPTIONAL_KEYS = ("dataset_fingerprint", "prefix_tokens")
 _RERUN_HINT = "re-run `deltaft attention` for this model, data and layers"
 
 
@@ -54,6 +55,9 @@ class ChannelAttention:
         dataset_fingerprint: content hash of the training split the batches were drawn from, as
             :mod:`deltaft.app` computes it (file names, sizes and labels), so that a file can
             be checked against the data it is used with; ``""`` when not recorded.
+        prefix_tokens: the leading tokens of ``(B, N, C)`` layers left out of the scores (one
+            count, or by layer name), as :func:`~deltaft.attention.channel_removal_scores`
+            took them; 0 when every token was scored.
 
     A saved file must say where it came from: only a ``uniform`` one (``w = 1/C`` in every
     layer, no batches) may lack the model and data fingerprints; :meth:`save` and :meth:`load`
@@ -68,6 +72,7 @@ class ChannelAttention:
     data_fingerprint: str
     method: str
     dataset_fingerprint: str = ""
+    prefix_tokens: int | dict[str, int] = 0
 
     def __post_init__(self) -> None:
         if not self.weights or list(self.weights) != list(self.scores):
@@ -89,6 +94,13 @@ class ChannelAttention:
                     "normalise them (attention_from_scores does)."
                 )
         check_temperature(self.temperature)
+        counts = (
+            self.prefix_tokens.values()
+            if isinstance(self.prefix_tokens, dict)
+            else [self.prefix_tokens]
+        )
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise ValueError(f"prefix_tokens must be integers >= 0, got {self.prefix_tokens!r}.")
         if self.n_batches < 0:
             raise ValueError(f"n_batches must be >= 0, got {self.n_batches}.")
 
@@ -206,6 +218,7 @@ class ChannelAttention:
             "data_fingerprint": json.dumps(self.data_fingerprint),
             "method": json.dumps(self.method),
             "dataset_fingerprint": json.dumps(self.dataset_fingerprint),
+            "prefix_tokens": json.dumps(self.prefix_tokens),
         }
         atomic_write(path, lambda handle: handle.write(save(tensors, metadata=metadata)))
 

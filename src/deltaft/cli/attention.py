@@ -15,7 +15,7 @@ KEYS = (
     "data", "model", "weights", "out", "layers", "batch_size", "image_size", "preset", "hflip",
     "crop_scale", "per_class", "fraction", "val_split", "attention_epochs", "attention_batches",
     "attention_method", "temperature", "bn", "head", "seed", "device", "workers", "download",
-    "data_root",
+    "data_root", "layout", "exclude_prefix_tokens",
 )  # fmt: skip
 
 

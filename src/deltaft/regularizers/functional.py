@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from deltaft.layers import Layout, layout_of
+from deltaft.layouts import PrefixTokens, prefix_count
 
 __all__ = [
     "bss_penalty",
@@ -36,15 +37,19 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _check_maps(
-    source: Mapping[str, Tensor], target: Mapping[str, Tensor], layouts: Layouts
-) -> dict[str, Layout]:
-    """The layout of every layer, after checking that the maps pair up and fit it."""
+    source: Mapping[str, Tensor],
+    target: Mapping[str, Tensor],
+    layouts: Layouts,
+    prefix_tokens: PrefixTokens = 0,
+) -> dict[str, tuple[Layout, int]]:
+    """The layout and prefix-token count of every layer, after checking that the maps pair up
+    and fit them."""
     if set(source) != set(target):
         raise ValueError(
             f"source and target must have the same layers; source has {sorted(source)}, "
             f"target has {sorted(target)}."
         )
-    found: dict[str, Layout] = {}
+    found: dict[str, tuple[Layout, int]] = {}
     for name, t in target.items():
         s = source[name]
         if s.shape != t.shape:
@@ -52,8 +57,16 @@ def _check_maps(
                 f"Layer {name!r}: expected source and target maps of the same shape, got "
                 f"source {tuple(s.shape)} and target {tuple(t.shape)}."
             )
-        found[name] = layout_of(name, t.shape, layouts)
+        layout = layout_of(name, t.shape, layouts)
+        found[name] = layout, prefix_count(name, layout, t.shape, prefix_tokens, list(target))
     return found
+
+
+def _tokens_kept(source: Tensor, target: Tensor, prefix: int) -> tuple[Tensor, Tensor]:
+    """``(B, N, C)`` maps without their first ``prefix`` tokens; the maps as given for 0."""
+    if prefix == 0:
+        return source, target
+    return source[:, prefix:], target[:, prefix:]  # (B, N - P, C)
 
 
 def _channel_sq_error(source: Tensor, target: Tensor, layout: Layout) -> Tensor:
@@ -72,6 +85,7 @@ def delta_penalty(
     weights: Mapping[str, Tensor] | None = None,
     reduction: Reduction = "sum",
     layouts: Layouts = None,
+    prefix_tokens: PrefixTokens = 0,
 ) -> Tensor:
     r"""DELTA's attention-weighted feature-map distance :math:`\Omega'`.
 
@@ -96,6 +110,11 @@ def delta_penalty(
             name; ``None``: by rank, ``"BCHW"`` for 4-D maps and ``"BNC"`` for 3-D maps
             (channels-last maps must be declared: read as ``"BCHW"`` their rows would be
             weighted as channels). :func:`deltaft.layers.detect_layouts` finds them.
+        prefix_tokens: leading tokens ``P`` of ``(B, N, C)`` maps (class, distillation,
+            register tokens) to leave out: the positions are then the tokens ``n >= P`` and
+            ``|P| = N - P``. An ``int`` for every token layer (ignored for 4-D maps) or a mapping
+            by layer name; 0 (default) keeps every token.
+            :func:`deltaft.layouts.declared_prefix_tokens` reads a model's count.
 
     Returns:
         A scalar tensor; gradients flow to ``target`` only.
@@ -110,10 +129,11 @@ def delta_penalty(
         tensor(3.)
     """
     _check_reduction(reduction)
-    found = _check_maps(source, target, layouts)
+    found = _check_maps(source, target, layouts, prefix_tokens)
     total: Tensor | None = None
     for name, t in target.items():
-        d = _channel_sq_error(source[name], t, found[name])  # (B, C)
+        layout, prefix = found[name]
+        d = _channel_sq_error(*_tokens_kept(source[name], t, prefix), layout)  # (B, C)
         channels = d.shape[1]
         if weights is None:
             per_channel = d.sum(dim=0)  # (C,), C * (1/C) == 1
@@ -143,6 +163,7 @@ def feature_map_penalty(
     target: Mapping[str, Tensor],
     reduction: Reduction = "sum",
     layouts: Layouts = None,
+    prefix_tokens: PrefixTokens = 0,
 ) -> Tensor:
     r"""The reference code's "without attention" penalty (method ``fm``).
 
@@ -154,7 +175,8 @@ def feature_map_penalty(
     summed over every element: no ``/(H*W)`` and no channel weighting, so it is ``H*W`` times
     larger per layer than :func:`delta_penalty` with uniform attention (``N`` times for tokens).
     The value does not depend on the layout; ``layouts`` (as in :func:`delta_penalty`) is
-    checked against each map's rank.
+    checked against each map's rank. ``prefix_tokens`` (as in :func:`delta_penalty`) leaves the
+    first ``P`` tokens of ``(B, N, C)`` maps out of the sum.
 
     Example:
         >>> s = {"conv": torch.zeros(2, 3, 4, 4)}
@@ -163,10 +185,11 @@ def feature_map_penalty(
         tensor(48.)
     """
     _check_reduction(reduction)
-    _check_maps(source, target, layouts)
+    found = _check_maps(source, target, layouts, prefix_tokens)
     total: Tensor | None = None
     for name, t in target.items():
-        term = 0.5 * (t - source[name].detach()).pow(2).sum()
+        kept_s, kept_t = _tokens_kept(source[name], t, found[name][1])
+        term = 0.5 * (kept_t - kept_s.detach()).pow(2).sum()
         if reduction == "mean":
             term = term / t.shape[0]
         total = term if total is None else total + term

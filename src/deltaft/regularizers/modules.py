@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from deltaft.layers import channel_axis
+from deltaft.layouts import PrefixTokens
 from deltaft.regularizers import functional as RF
 
 __all__ = [
@@ -43,6 +44,15 @@ def _check_layouts(layers: list[str], layouts: RF.Layouts) -> RF.Layouts:
     return dict(layouts)
 
 
+def _copy_prefix(prefix_tokens: PrefixTokens) -> PrefixTokens:
+    """``prefix_tokens`` (a copy of a mapping), after checking that the counts are ints >= 0."""
+    counts = prefix_tokens.values() if isinstance(prefix_tokens, Mapping) else [prefix_tokens]
+    for count in counts:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"prefix_tokens must be integers >= 0, got {prefix_tokens!r}.")
+    return dict(prefix_tokens) if isinstance(prefix_tokens, Mapping) else prefix_tokens
+
+
 class DeltaRegularizer(nn.Module):
     """:func:`~deltaft.regularizers.functional.delta_penalty` with stored attention.
 
@@ -52,6 +62,8 @@ class DeltaRegularizer(nn.Module):
         reduction: ``"sum"`` (reference) or ``"mean"``.
         layouts: the maps' layouts (``"BCHW"``, ``"BHWC"``, ``"BNC"``), one for all layers or
             by layer name; ``None``: by rank (``"BCHW"`` for 4-D, ``"BNC"`` for 3-D maps).
+        prefix_tokens: leading tokens of ``(B, N, C)`` maps left out (class, distillation,
+            register tokens), one count or by layer name; 0 keeps them all.
     """
 
     def __init__(
@@ -60,9 +72,11 @@ class DeltaRegularizer(nn.Module):
         weights: Mapping[str, Tensor] | None = None,
         reduction: RF.Reduction = "sum",
         layouts: RF.Layouts = None,
+        prefix_tokens: PrefixTokens = 0,
     ) -> None:
         super().__init__()
         RF._check_reduction(reduction)
+        self.prefix_tokens = _copy_prefix(prefix_tokens)
         self.layers = list(layers)
         self.reduction: RF.Reduction = reduction
         self.layouts = _check_layouts(self.layers, layouts)
@@ -84,26 +98,36 @@ class DeltaRegularizer(nn.Module):
         return {n: getattr(self, _buffer_name(n)) for n in self.layers}
 
     def forward(self, source: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
-        return RF.delta_penalty(source, target, self.weights(), self.reduction, self.layouts)
+        return RF.delta_penalty(
+            source, target, self.weights(), self.reduction, self.layouts, self.prefix_tokens
+        )
 
 
 class FeatureMapRegularizer(nn.Module):
     """:func:`~deltaft.regularizers.functional.feature_map_penalty` (method ``fm``).
 
     ``layouts`` as in :class:`DeltaRegularizer`: they do not change the value, and each map is
-    checked against its layout's rank.
+    checked against its layout's rank. ``prefix_tokens`` as in :class:`DeltaRegularizer`.
     """
 
-    def __init__(self, reduction: RF.Reduction = "sum", layouts: RF.Layouts = None) -> None:
+    def __init__(
+        self,
+        reduction: RF.Reduction = "sum",
+        layouts: RF.Layouts = None,
+        prefix_tokens: PrefixTokens = 0,
+    ) -> None:
         super().__init__()
         RF._check_reduction(reduction)
+        self.prefix_tokens = _copy_prefix(prefix_tokens)
         self.reduction: RF.Reduction = reduction
         self.layouts = layouts if layouts is None or isinstance(layouts, str) else dict(layouts)
         if isinstance(layouts, str):
             channel_axis(layouts)
 
     def forward(self, source: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
-        return RF.feature_map_penalty(source, target, self.reduction, self.layouts)
+        return RF.feature_map_penalty(
+            source, target, self.reduction, self.layouts, self.prefix_tokens
+        )
 
 
 class L2SPRegularizer(nn.Module):
