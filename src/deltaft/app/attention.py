@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,11 +112,14 @@ def estimate_attention(
     device: torch.device,
     *,
     progress: bool = False,
+    on_probe: Callable[[nn.Module], None] | None = None,
 ) -> ChannelAttention:
     """Estimate the channel attention on the training split, reproducibly from ``cfg.seed``
     (the RNGs are seeded from ``(seed, "attention")``, the data order from
     ``(seed, "attention-data")``); ``progress`` shows a bar while the channels are scored.
-    The result records the :func:`training_fingerprint` of ``train``.
+    The result records the :func:`training_fingerprint` of ``train``. ``on_probe`` is called
+    with the source and its trained attention head before the channels are scored (see
+    :func:`~deltaft.attention.estimate_channel_attention`).
 
     Raises:
         ValueError: estimation failed; the message starts with ``attention estimation:``.
@@ -139,6 +142,7 @@ def estimate_attention(
             head=head,
             device=device,
             progress=progress,
+            on_probe=on_probe,
         )
     except ValueError as error:
         raise ValueError(f"attention estimation: {error}") from None
