@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,8 @@ from torch import Tensor, nn
 from deltaft._utils import get_submodule
 from deltaft.app.build import BuiltRun, derived_seed, make_loader, seed_everything
 from deltaft.app.config import TrainConfig
-from deltaft.app.errors import SettingError
+from deltaft.app.errors import SettingError, literal
+from deltaft.app.methods import MethodSpec
 from deltaft.attention import train_linear_probe
 from deltaft.interpolate import interpolate_weights, recompute_batchnorm
 
@@ -45,6 +47,7 @@ __all__ = [
     "WiseResult",
     "attention_head_reuse",
     "check_wise_validation",
+    "default_recipe_settings",
     "head_state",
     "prepare_probe",
     "pretrained_state",
@@ -78,16 +81,8 @@ def _default(name: str) -> Any:
 
 def unused_recipe_settings(cfg: TrainConfig) -> list[str]:
     """The recipe settings ``cfg`` sets away from their defaults for recipes its spec lacks."""
-    spec = cfg.spec
-    used = {name for recipe in spec.recipes for name in RECIPE_SETTINGS[recipe]}
-    if spec.has("wise"):
-        used |= set(RECIPE_SETTINGS["lpft"])
-    return [
-        name
-        for names in RECIPE_SETTINGS.values()
-        for name in names
-        if name not in used and getattr(cfg, name) != _default(name)
-    ]
+    defaults = default_recipe_settings(cfg.spec)
+    return [name for name, value in defaults.items() if getattr(cfg, name) != value]
 
 
 def warn_unused_recipe_settings(cfg: TrainConfig) -> None:
@@ -104,14 +99,37 @@ def warn_unused_recipe_settings(cfg: TrainConfig) -> None:
         )
 
 
-def check_wise_validation(cfg: TrainConfig, built: BuiltRun) -> None:
-    """Refuse a ``+wise`` run without a validation split, before anything trains: its mixing
-    weight is chosen on validation, never on test."""
-    if cfg.spec.has("wise") and built.splits.val is None:
-        raise SettingError(
-            f"{{method}} {cfg.method} chooses its mixing weight on the validation split, but "
-            f"{{data}} {cfg.data} has none; set {{val_split}} (e.g. 0.2) or add a val/ folder."
-        )
+def default_recipe_settings(spec: MethodSpec) -> dict[str, Any]:
+    """The settings of the recipes ``spec`` does not use, at their defaults (``compare`` gives
+    each run only the settings its method uses)."""
+    used = {name for recipe in spec.recipes for name in RECIPE_SETTINGS[recipe]}
+    if spec.has("wise"):
+        used |= set(RECIPE_SETTINGS["lpft"])
+    names = [name for names in RECIPE_SETTINGS.values() for name in names if name not in used]
+    return {name: _default(name) for name in names}
+
+
+def _no_validation(cfg: TrainConfig) -> SettingError:
+    return SettingError(
+        f"{{method}} {cfg.method} chooses its mixing weight on the validation split, but "
+        f"{{data}} {literal(cfg.data)} has none; set {{val_split}} (e.g. 0.2) or add a val/ "
+        "folder."
+    )
+
+
+def check_wise_validation(cfg: TrainConfig, built: BuiltRun | None = None) -> None:
+    """Refuse a ``+wise`` run without a validation split before anything trains: its mixing
+    weight is chosen on validation, never on test. Without ``built`` (before the data is read)
+    an image folder is checked for ``val/`` when ``val_split`` is 0; with it, the splits."""
+    if not cfg.spec.has("wise"):
+        return
+    if built is not None:
+        missing = built.splits.val is None
+    else:  # a torchvision dataset's splits are only known once it is built
+        folder = not cfg.data.startswith("tv:")
+        missing = folder and cfg.val_split == 0 and not (Path(cfg.data) / "val").is_dir()
+    if missing:
+        raise _no_validation(cfg)
 
 
 # ------------------------------------------------------------------------------------------------

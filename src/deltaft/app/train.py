@@ -127,6 +127,7 @@ def run_training(
     started = time.perf_counter()
     _check_available(cfg)
     warn_unused_recipe_settings(cfg)
+    check_wise_validation(cfg)  # an image folder without val/: before the run folder is made
     dist = dist or distributed.current()
     outside_data(cfg.out, cfg.data)  # before the claim creates the folder
     run = RunDir(cfg.out, write=dist.is_main)
