@@ -3,7 +3,11 @@
 ImageNet MobileNetV2 -> MNIST-5k (the demo's fixed 3000/2000 pool/test split and its settings,
 configs/demo.yaml), 3 seeds, methods l2, l2sp, fm, delta, cotuning, lwf, spd (each at its authors'
 defaults: `--cotuning-trade-off`, `--lwf-trade-off`, `--spd-lambda` of `deltaft train`) and scratch
-(l2 from random weights).
+(l2 from random weights), and the recipes of issue 13: delta+bss, l2+lpft+wise and delta+lpft+wise.
+A +wise run chooses its mixing weight on validation, which the demo protocol has not: those two run
+as their own comparison that draws n / 0.8 images a class and holds 20 % of them out
+(``val_split`` 0.2), so they train on the same number of images as the other rows (not the same
+images).
 `compare` shares one alpha across methods; `fm` (reference scaling: no 1/(H*W), no C*w) needs a
 far smaller one, so it runs as its own comparison with `--fm-alpha`. Prints one markdown table per
 training-set size and writes OUT/accuracy.md, OUT/accuracy.json and OUT/accuracy.png.
@@ -30,7 +34,20 @@ from deltaft.app.compare import CompareResult, parse_seeds
 from deltaft.app.demo import run_demo
 from deltaft.cli.options import argparse_type
 
-METHODS = ["l2", "l2sp", "delta", "cotuning", "lwf", "spd", "scratch"]
+METHODS = ["l2", "l2sp", "delta", "delta+bss", "cotuning", "lwf", "spd", "scratch"]
+#: Recipes that need a validation split (see the module docstring).
+WISE_METHODS = ["l2+lpft+wise", "delta+lpft+wise"]
+WISE_VAL_SPLIT = 0.2
+
+
+def _drawn_with_validation(per_class: int) -> int:
+    """The images a class to draw so that ``per_class`` remain for training once
+    ``round(WISE_VAL_SPLIT * n)`` (at least 1) are held out, as the data's stratified split
+    does."""
+    n = per_class + 1
+    while n - min(max(round(WISE_VAL_SPLIT * n), 1), n - 1) != per_class:
+        n += 1
+    return n
 
 
 def _sizes(text: str) -> list[int]:
@@ -58,7 +75,16 @@ def measure(
         overrides={"per_class": per_class, "alpha": fm_alpha},
         jobs=jobs,
     )
-    rows = [*main.rows[:2], *fm.rows, *main.rows[2:]]  # l2, l2sp, fm, delta, ..., scratch
+    wise = run_demo(
+        folder / "wise",
+        seeds=seeds,
+        methods=WISE_METHODS,
+        cache_dir=cache_dir,
+        overrides={"per_class": _drawn_with_validation(per_class), "val_split": WISE_VAL_SPLIT},
+        jobs=jobs,
+    )
+    # l2, l2sp, fm, delta, delta+bss, cotuning, lwf, spd, l2+lpft+wise, delta+lpft+wise, scratch
+    rows = [*main.rows[:2], *fm.rows, *main.rows[2:7], *wise.rows, *main.rows[7:]]
     result = CompareResult(rows=rows, seeds=main.seeds, out=folder)
     result.write()
     return result

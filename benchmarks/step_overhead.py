@@ -61,6 +61,7 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
         UNFUSED: ({"method": "l2sp"}, None),
         "fm": ({"method": "fm"}, None),
         "delta": (delta, None),
+        "delta+bss": ({**delta, "bss": 0.001, "bss_k": 1}, None),  # recipe +bss (issue 13)
         "delta (packed source, --source-mkldnn)": (delta, {"mkldnn": True}),
         "delta (source in input layout)": (delta, {"channels_last": False}),
         "delta (straightforward)": (
@@ -93,6 +94,7 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
     print("|---|---|---|")
     for label, seconds in medians.items():
         print(f"| {label} | {seconds:.3f} | {seconds / base:.2f} |")
+    print(f"delta+bss / delta: {medians['delta+bss'] / medians['delta']:.3f}")
 
 
 def main() -> None:

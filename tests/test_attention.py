@@ -869,7 +869,7 @@ def test_train_head_trains_only_the_head(bn: str) -> None:
     torch.manual_seed(0)
     source = settle(ResidualToy(), torch.float32)
     loader = Loader(make_batches(n=2, dtype=torch.float32, classes=3))
-    trained = estimate_module._train_head(
+    trained = estimate_module.train_linear_probe(
         source,
         loader,
         3,

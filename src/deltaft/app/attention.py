@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,6 +116,7 @@ def estimate_attention(
     progress: bool = False,
     layouts: Mapping[str, Layout] | None = None,
     prefix_tokens: int = 0,
+    on_probe: Callable[[nn.Module], None] | None = None,
 ) -> ChannelAttention:
     """Estimate the channel attention on the training split, reproducibly from ``cfg.seed``
     (the RNGs are seeded from ``(seed, "attention")``, the data order from
@@ -124,6 +125,9 @@ def estimate_attention(
     layouts as the run decided them (:func:`~deltaft.app.build.select_layers_and_layouts`);
     ``None`` detects them. ``prefix_tokens``: leading tokens of ``(B, N, C)`` maps not scored
     (:func:`~deltaft.app.build.select_prefix_tokens`).
+    The result records the :func:`training_fingerprint` of ``train``. ``on_probe`` is called
+    with the source and its trained attention head before the channels are scored (see
+    :func:`~deltaft.attention.estimate_channel_attention`).
 
     Raises:
         ValueError: estimation failed; the message starts with ``attention estimation:``.
@@ -148,6 +152,7 @@ def estimate_attention(
             progress=progress,
             layouts=layouts,
             prefix_tokens=prefix_tokens,
+            on_probe=on_probe,
         )
     except ValueError as error:
         raise ValueError(f"attention estimation: {error}") from None

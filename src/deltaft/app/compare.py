@@ -26,6 +26,7 @@ from deltaft.app.checks import outside_data
 from deltaft.app.config_io import read_settings_file
 from deltaft.app.errors import SettingError, literal
 from deltaft.app.methods import BASE_METHODS, MethodSpec, spec_help
+from deltaft.app.recipes import check_wise_validation, default_recipe_settings
 from deltaft.app.results import CompareResult, CompareRow, RunResult
 from deltaft.app.tracking import RunDir
 
@@ -127,7 +128,12 @@ def _run_config(base: TrainConfig, method: str, seed: int, run_dir: Path) -> Tra
     """``base`` with the method, seed and output folder of one run.
 
     ``scratch`` is ``l2`` with ``weights="none"``. Options that only some methods use are dropped
-    from the others: ``layers`` (``fm`` and ``delta``) and ``attention`` (``delta``).
+    from the others: ``layers`` (``fm`` and ``delta``) and ``attention`` (``delta``), and the
+    settings of recipes (``bss_eta``, ``lp_lr``...) return to their defaults for a spec without
+    that recipe.
+
+    Raises:
+        SettingError: a ``+wise`` spec on data without validation.
     """
     trained = "l2" if method == SCRATCH else method
     changes: dict[str, Any] = {
@@ -143,7 +149,11 @@ def _run_config(base: TrainConfig, method: str, seed: int, run_dir: Path) -> Tra
         changes["layers"] = None
     if spec.base != "delta":
         changes["attention"] = None
-    return dataclasses.replace(base, **changes)
+    # -- recipes: a run gets only the settings of its own recipes; +wise needs validation
+    changes.update(default_recipe_settings(spec))
+    cfg = dataclasses.replace(base, **changes)
+    check_wise_validation(cfg)
+    return cfg
 
 
 def _read_summary(path: Path) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from deltaft.regularizers.functional import Reduction
 
 __all__ = [
     "DEFAULT_EPOCHS",
+    "DEFAULT_WISE_ALPHAS",
     "EXCLUSIVE",
     "REQUIRED",
     "RUNTIME_KEYS",
@@ -56,6 +57,8 @@ Relationship = Literal["reverse", "direct"]
 LayoutSetting = Literal["auto", "BCHW", "BHWC", "BNC"]
 
 DEFAULT_EPOCHS = 10
+#: WiSE-FT's mixing weights by default: the ends and three points between them.
+DEFAULT_WISE_ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Pairs of settings of which a run takes one at most; a later source that sets one drops the other.
 EXCLUSIVE: tuple[tuple[str, str], ...] = (("epochs", "iterations"), ("per_class", "fraction"))
 
@@ -154,6 +157,16 @@ class TrainConfig:
         exclude_prefix_tokens: leave the first tokens of ``(B, N, C)`` maps (class,
             distillation, register tokens) out of the penalty and the attention scores; their
             count is the model's declaration (:func:`deltaft.app.models.prefix_token_count`).
+        bss_eta: ``+bss``: the strength ``eta`` of Batch Spectral Shrinkage (0.001, as the
+            authors' code).
+        bss_k: ``+bss``: how many of the smallest singular values are shrunk (1).
+        lp_epochs: ``+lpft`` / ``+wise``: epochs of the linear probe (the new head trained on
+            the frozen backbone); 10, as DELTA's attention head.
+        lp_lr: ``+lpft`` / ``+wise``: the linear probe's learning rate (0.01).
+        wise_alphas: ``+wise``: the mixing weights ``a`` of ``(1 - a) * theta_0 + a * theta_ft``;
+            the one of best validation accuracy is kept.
+        wise_bn_batches: ``+wise``: training batches that re-estimate the BatchNorm statistics
+            of each interpolated network.
     """
 
     data: str = field(
@@ -349,6 +362,52 @@ class TrainConfig:
         ),
     )
 
+    # -- recipes of a method spec (+bss, +lpft, +wise) ------------------------------------------
+    bss_eta: float = field(
+        default=0.001,
+        metadata=_meta(
+            "+bss: strength eta of Batch Spectral Shrinkage (default: {default}, as the authors' "
+            "code, thuml/Batch-Spectral-Shrinkage)"
+        ),
+    )
+    bss_k: int = field(
+        default=1,
+        metadata=_meta(
+            "+bss: how many of the smallest singular values it shrinks (default: {default}, as "
+            "the authors' code)"
+        ),
+    )
+    lp_epochs: int = field(
+        default=10,
+        metadata=_meta(
+            "+lpft/+wise: epochs of the linear probe (new head, frozen backbone; Kumar et al., "
+            "ICLR 2022) (default: {default}, as DELTA's attention head, which delta reuses)"
+        ),
+    )
+    lp_lr: float = field(
+        default=0.01,
+        metadata=_meta(
+            "+lpft/+wise: learning rate of the linear probe (default: {default}, as DELTA's "
+            "attention head)"
+        ),
+    )
+    wise_alphas: list[float] = field(
+        default_factory=lambda: list(DEFAULT_WISE_ALPHAS),
+        metadata=_meta(
+            "+wise: mixing weights a of (1-a)*pretrained + a*fine-tuned, the best chosen on "
+            "validation (Wortsman et al., CVPR 2022) (default: 0,0.25,0.5,0.75,1)",
+            metavar="A,B,C",
+        ),
+    )
+    wise_bn_batches: int = field(
+        default=50,
+        metadata=_meta(
+            "+wise: training batches that re-estimate BatchNorm statistics for each mixing "
+            "weight (default: {default})",
+            metavar="N",
+        ),
+    )
+
     def __post_init__(self) -> None:
         """Coerce every value to its field's type, then check it.
 
@@ -374,6 +433,7 @@ class TrainConfig:
             raise SettingError(f"{{method}}: {literal(error)}") from None
         self._check_optimisation()
         self._check_data()
+        self._check_recipes()
         if self.layers is not None and (
             not self.layers or len(set(self.layers)) != len(self.layers)
         ):
@@ -431,6 +491,23 @@ class TrainConfig:
         check_val_split(self.val_split)
         check_hflip(self.hflip)
         check_crop_scale(self.crop_scale, self.preset)
+
+    def _check_recipes(self) -> None:
+        """The settings of the recipes (checked whether or not the spec uses them)."""
+        at_least("bss_eta", self.bss_eta, 0.0)
+        at_least("bss_k", self.bss_k, 1)
+        at_least("lp_epochs", self.lp_epochs, 1)
+        above("lp_lr", self.lp_lr, 0.0)
+        at_least("wise_bn_batches", self.wise_bn_batches, 1)
+        if not self.wise_alphas:
+            raise SettingError("{wise_alphas} must name at least one mixing weight, e.g. 0,0.5,1.")
+        for alpha in self.wise_alphas:
+            in_range("wise_alphas", alpha, 0.0, 1.0)
+        if len(set(self.wise_alphas)) != len(self.wise_alphas):
+            raise SettingError(
+                f"{{wise_alphas}} must be distinct, got {literal(self.wise_alphas)}; name each "
+                "mixing weight once."
+            )
 
     @property
     def spec(self) -> MethodSpec:
@@ -511,7 +588,9 @@ class TrainConfig:
 
 # Derived from the fields, so that a setting is declared once.
 REQUIRED: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(TrainConfig) if f.default is dataclasses.MISSING
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 )
 RUNTIME_KEYS: frozenset[str] = frozenset(
     f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("runtime")

@@ -262,6 +262,8 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
             )
         return value
     if origin is list:
+        if get_args(hint) == (float,):
+            return _coerce_floats(name, value)
         return _coerce_list(name, value)
     if hint is bool:
         if isinstance(value, bool):
@@ -300,6 +302,27 @@ def _coerce_float(name: str, value: Any) -> float:
         except ValueError:
             pass
     raise SettingError(f"{{{name}}} must be a number, got {literal(short_repr(value))}.")
+
+
+def _coerce_floats(name: str, value: Any) -> list[float]:
+    """A list of numbers from ``"0,0.5,1"`` (a flag), a YAML list or a single number."""
+    items: list[Any]
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        items = [value]
+    else:
+        raise SettingError(
+            f"{{{name}}} must be a list of numbers or 'a,b,c', got {literal(short_repr(value))}."
+        )
+    try:
+        return [_coerce_float(name, item) for item in items]
+    except SettingError:
+        raise SettingError(
+            f"{{{name}}} must be numbers like 0,0.5,1, got {literal(short_repr(value))}."
+        ) from None
 
 
 def _coerce_list(name: str, value: Any) -> list[str]:

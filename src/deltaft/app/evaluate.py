@@ -36,6 +36,10 @@ def evaluate_checkpoint(
     is decoded first; unreadable ones are left out (``skipped`` lists them) and ``images``
     counts those evaluated.
 
+    ``checkpoint`` names a file of ``RUN_DIR/checkpoints``: ``best``, ``last``, or ``wise`` (the
+    WiSE-FT weights a ``+wise`` run chose on validation, whose test accuracy is that run's
+    headline).
+
     The checkpoint is data, never code: nothing it names is imported, called, downloaded or
     written. A run of a ``pkg.module:factory`` model is evaluated only when the caller names the
     same factory in ``model`` (the command line's ``--model``); its ``download`` setting is

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from deltaft.app import distributed
@@ -23,6 +23,7 @@ from deltaft.app.build import BuiltRun, derived_seed, seed_everything
 from deltaft.app.checkpoint import Checkpointer, LoopState
 from deltaft.app.config import TrainConfig
 from deltaft.app.distributed import DistInfo
+from deltaft.app.recipes import LinearProbe, run_wise
 from deltaft.app.report import BalanceWarning, epoch_line, plot_run
 from deltaft.app.signals import stop_on_interrupt
 from deltaft.app.tracking import RunDir
@@ -76,6 +77,9 @@ class TrainingLoop:
     attention: ChannelAttention | None
     attention_seconds: float
     balance: BalanceWarning
+    # -- recipes +lpft / +wise: the linear probe and WiSE-FT's theta_0 (None without them)
+    probe: LinearProbe | None = None
+    theta0: dict[str, Tensor] | None = None
 
     def _evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         reduce = self.dist.all_reduce_sum if self.dist.enabled else None
@@ -217,11 +221,40 @@ class TrainingLoop:
             "skipped": {"count": len(skipped), "files": skipped},
             "config": self.cfg.to_dict(),
         }
+        self._recipes(summary)
         self.run.write_summary(summary)
         if self.dist.is_main:
             plot_run(loop.history, self.attention, self.run)
         self.dist.barrier()
         return summary
+
+    def _recipes(self, summary: dict[str, Any]) -> None:
+        """+lpft / +wise: the probe in ``summary``; WiSE-FT's weights chosen on validation,
+        saved as ``checkpoints/wise.pt``, and its accuracies made the run's headline (the
+        fine-tuned network's kept under ``finetuned``)."""
+        if self.probe is not None:
+            summary["probe"] = self.probe.summary(self.cfg)
+        if self.theta0 is None:
+            return
+        wise = run_wise(
+            self.cfg,
+            self.built,
+            self.objective.model,
+            self.theta0,
+            self._evaluate,
+            has_test="test" in self.loaders.evaluation,
+            sync=self.dist.broadcast_buffers if self.dist.enabled else None,
+        )
+        chosen = f"{wise.summary['alpha']:g}"
+        saved = {"model": wise.state, "epoch": self.loop.epoch, "wise_alpha": wise.summary["alpha"]}
+        self.run.save_checkpoint({**self.checkpointer.meta, **saved}, "wise")
+        keys = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
+        summary["finetuned"] = {key: summary[key] for key in keys}
+        summary["val_accuracy"] = wise.summary["val_accuracy"][chosen]
+        summary["val_loss"] = wise.summary["val_loss"][chosen]
+        summary["test_accuracy"] = wise.summary["test_accuracy"]
+        summary["test_loss"] = wise.summary["test_loss"]
+        summary["wise"] = wise.summary
 
 
 def _size(dataset: Dataset[Any] | None) -> int | None:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from deltaft.app import anchored, distributed
@@ -36,6 +37,15 @@ from deltaft.app.config import TrainConfig
 from deltaft.app.distributed import DistInfo, ShardSampler
 from deltaft.app.errors import SettingError
 from deltaft.app.loop import Loaders, TrainingLoop
+from deltaft.app.recipes import (
+    LinearProbe,
+    attention_head_reuse,
+    check_wise_validation,
+    head_state,
+    prepare_probe,
+    pretrained_state,
+    warn_unused_recipe_settings,
+)
 from deltaft.app.report import BalanceWarning
 from deltaft.app.tracking import RunDir, file_sha256
 from deltaft.attention import ChannelAttention, model_fingerprint
@@ -51,7 +61,7 @@ logger = logging.getLogger(__name__)
 # Base methods and recipes this version trains; the others parse but are refused (see
 # _check_available), so that a spec never trains as something else.
 _TRAINED_BASES = frozenset(METHODS) | {"spd"}
-_TRAINED_RECIPES: frozenset[str] = frozenset()
+_TRAINED_RECIPES: frozenset[str] = frozenset({"bss", "lpft", "wise"})
 
 
 def _check_available(cfg: TrainConfig) -> None:
@@ -124,6 +134,8 @@ def run_training(
     """
     started = time.perf_counter()
     _check_available(cfg)
+    warn_unused_recipe_settings(cfg)
+    check_wise_validation(cfg)  # an image folder without val/: before the run folder is made
     dist = dist or distributed.current()
     outside_data(cfg.out, cfg.data)  # before the claim creates the folder
     run = RunDir(cfg.out, write=dist.is_main)
@@ -189,9 +201,11 @@ def _attention(
     prefix_tokens: int,
     dist: DistInfo,
     progress: bool,
+    on_probe: Callable[[nn.Module], None] | None = None,
 ) -> ChannelAttention:
     """The run's attention: the run's own file on resume, ``cfg.attention``, or estimated on
-    rank 0 and broadcast to the other processes."""
+    rank 0 and broadcast to the other processes (``on_probe``: see
+    :func:`~deltaft.app.attention.estimate_attention`)."""
     if resume_state is not None:
         _check_attention_file(run, resume_state)
         stored = resume_state.get("layers") or None
@@ -215,6 +229,7 @@ def _attention(
             progress=progress,
             layouts=layouts,
             prefix_tokens=prefix_tokens,
+            on_probe=on_probe,
         )
     return dist.broadcast_object(estimated)
 
@@ -269,6 +284,9 @@ def _objective(
         lwf_temperature=cfg.lwf_temperature,
         layouts=dict(layouts) if layers else None,
         prefix_tokens=prefix_tokens,
+        # -- recipe +bss: Batch Spectral Shrinkage of the head's input
+        bss=cfg.bss_eta if cfg.spec.has("bss") else 0.0,
+        bss_k=cfg.bss_k,
     )
 
 
@@ -354,6 +372,7 @@ def _build(
     device = resolve_device(cfg.device, dist)
     amp, channels_last = _device_tweaks(cfg, device)
     built = build_run(cfg, device)
+    check_wise_validation(cfg, built)  # before anything trains
     fingerprint = model_fingerprint(built.source)
     if resume_state is not None and resume_state.get("model_fingerprint") != fingerprint:
         raise SettingError(
@@ -364,10 +383,20 @@ def _build(
     layers, layouts = _layers(cfg, built)
     prefix = select_prefix_tokens(cfg.exclude_prefix_tokens, built.source, layouts) if layers else 0
     attention, attention_seconds = None, 0.0
+    reused, on_probe = _probe_reuse(cfg, built, resume_state, layers)
     if cfg.spec.base == "delta" and layers is not None:
         tic = time.perf_counter()
         attention = _attention(
-            cfg, run, resume_state, built, layers, layouts, prefix, dist, attention_progress
+            cfg,
+            run,
+            resume_state,
+            built,
+            layers,
+            layouts,
+            prefix,
+            dist,
+            attention_progress,
+            on_probe,
         )
         attention_seconds = time.perf_counter() - tic
         if cfg.layers is None and attention.layers != layers:  # a loaded file's layers
@@ -377,6 +406,11 @@ def _build(
     elif cfg.attention:
         logger.warning("--attention ignored: method %s uses no attention.", cfg.method)
     anchored.warn_unused_settings(cfg)
+    # -- recipes +lpft and +wise: the linear probe, theta_0 (before training changes the model)
+    probe = prepare_probe(
+        cfg, built, resume_state, reused[0] if reused else None, dist.broadcast_object, dist.is_main
+    )
+    theta0 = pretrained_state(built, probe) if probe is not None and cfg.spec.has("wise") else None
     relationship = None
     if cfg.spec.base == "cotuning":
         relationship = anchored.run_relationship(cfg, run, resume_state, built, dist)
@@ -399,6 +433,8 @@ def _build(
         "mean": list(built.info.mean),
         "std": list(built.info.std),
     }
+    if probe is not None:  # a resumed run restores the probe rather than probing again
+        meta["probe_head"] = probe.head
     checkpointer = Checkpointer(
         run,
         meta,
@@ -442,4 +478,31 @@ def _build(
         attention=attention,
         attention_seconds=attention_seconds,
         balance=BalanceWarning(cfg),
+        probe=probe,
+        theta0=theta0,
     )
+
+
+def _probe_reuse(
+    cfg: TrainConfig,
+    built: BuiltRun,
+    resume_state: Mapping[str, Any] | None,
+    layers: list[str] | None,
+) -> tuple[list[LinearProbe], Callable[[nn.Module], None] | None]:
+    """Where the attention head is kept when it is the linear probe (+lpft, +wise), and the
+    callback that keeps it; ``([], None)`` otherwise (the reason is logged)."""
+    spec = cfg.spec
+    if resume_state is not None or not (spec.has("lpft") or spec.has("wise")):
+        return [], None
+    estimates = spec.base == "delta" and layers is not None and not cfg.attention
+    why_not = attention_head_reuse(cfg, estimates_attention=estimates)
+    if why_not is not None:
+        if spec.base == "delta":
+            logger.info("linear probe: trained on its own (%s).", why_not)
+        return [], None
+    kept: list[LinearProbe] = []
+
+    def keep(model: nn.Module) -> None:
+        kept.append(LinearProbe(head_state(model, built.head), "attention head"))
+
+    return kept, keep

@@ -21,11 +21,16 @@ The package, by concern:
   fx prefix-reuse engine and its fallback to batched full forwards (internal).
 * :mod:`~deltaft.attention.value`: the :class:`ChannelAttention` value object and its file format.
 * :mod:`~deltaft.attention.fingerprint`: :func:`model_fingerprint`, :func:`data_fingerprint`.
-* :mod:`~deltaft.attention.estimate`: :func:`estimate_channel_attention`, the whole procedure.
+* :mod:`~deltaft.attention.estimate`: :func:`estimate_channel_attention`, the whole procedure,
+  and :func:`train_linear_probe`, its first step (LP-FT's linear probe too).
 """
 
 from deltaft.attention._common import Method
-from deltaft.attention.estimate import BatchNormMode, estimate_channel_attention
+from deltaft.attention.estimate import (
+    BatchNormMode,
+    estimate_channel_attention,
+    train_linear_probe,
+)
 from deltaft.attention.fingerprint import data_fingerprint, model_fingerprint
 from deltaft.attention.scores import attention_from_scores, channel_removal_scores
 from deltaft.attention.value import ChannelAttention
@@ -39,4 +44,5 @@ __all__ = [
     "data_fingerprint",
     "estimate_channel_attention",
     "model_fingerprint",
+    "train_linear_probe",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,7 +28,12 @@ from deltaft.heads import replace_head
 from deltaft.layers import Layout, resolve_layers
 from deltaft.layouts import PrefixTokens
 
-__all__ = ["BatchNormMode", "estimate_channel_attention"]
+__all__ = [
+    "REFERENCE_LR_GAMMA",
+    "BatchNormMode",
+    "estimate_channel_attention",
+    "train_linear_probe",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,24 +42,43 @@ BatchNormMode = Literal["adapt", "frozen"]
 _BN_MODES: tuple[str, ...] = ("adapt", "frozen")
 
 #: The reference's per-epoch lr factor of the attention head: x0.1 after 6 epochs.
-_REFERENCE_LR_GAMMA = 0.1 ** (1 / 6)
+REFERENCE_LR_GAMMA = 0.1 ** (1 / 6)
 
 
-def _train_head(
+def train_linear_probe(
     source: nn.Module,
     loader: Iterable[Any],
     num_classes: int,
     *,
-    epochs: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    lr_gamma: float,
-    bn: BatchNormMode,
-    head: str | None,
-    device: torch.device | str | None,
+    epochs: int = 10,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    lr_gamma: float = REFERENCE_LR_GAMMA,
+    bn: BatchNormMode = "frozen",
+    head: str | None = None,
+    device: torch.device | str | None = None,
+    log_as: str = "linear probe",
 ) -> nn.Module:
-    """A copy of ``source`` with a new head trained on ``loader``, everything else frozen."""
+    """A copy of ``source`` with a new head trained on ``loader``, everything else frozen.
+
+    Step 1 of :func:`estimate_channel_attention`, and the linear probe of LP-FT (Kumar et al.,
+    ICLR 2022): the head is replaced with a new ``nn.Linear(in_features, num_classes)`` (its
+    initial weights drawn from torch's global RNG), every other parameter is frozen
+    (``requires_grad_(False)``), and the head is trained for ``epochs`` epochs over ``loader``
+    with cross-entropy (batch mean) and ``SGD(lr, momentum, weight_decay)``; the lr of epoch
+    ``e`` (from 0) is ``lr * lr_gamma ** e``. With ``bn="frozen"`` (the default) the copy runs
+    in eval mode, so the backbone's parameters and buffers stay bit-identical; with
+    ``bn="adapt"`` (the attention reference) it runs in train mode, so BatchNorm running
+    statistics follow the target data (and dropout is active). ``source`` is never modified.
+    Each epoch's mean loss is logged (INFO) as ``"<log_as>: epoch e/E, loss L, lr R"``.
+
+    Returns:
+        The copy, in eval mode, its head's parameters still requiring grad.
+
+    Raises:
+        ValueError: ``loader`` yielded no batch.
+    """
     model = copy.deepcopy(source)
     if device is not None:
         model.to(device)
@@ -84,7 +108,8 @@ def _train_head(
                 "The loader yielded no batches; expected (x, y) batches of target data."
             )
         logger.info(
-            "attention head: epoch %d/%d, loss %.4f, lr %.3g",
+            "%s: epoch %d/%d, loss %.4f, lr %.3g",
+            log_as,
             epoch + 1,
             epochs,
             float(total) / count,
@@ -104,7 +129,7 @@ def estimate_channel_attention(
     lr: float = 0.01,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
-    lr_gamma: float = _REFERENCE_LR_GAMMA,
+    lr_gamma: float = REFERENCE_LR_GAMMA,
     bn: BatchNormMode = "adapt",
     n_batches: int = 4,
     temperature: float = 5.0,
@@ -115,6 +140,7 @@ def estimate_channel_attention(
     progress: bool = False,
     layouts: Mapping[str, Layout] | Layout | None = None,
     prefix_tokens: PrefixTokens = 0,
+    on_probe: Callable[[nn.Module], None] | None = None,
 ) -> ChannelAttention:
     """DELTA's supervised channel attention for ``source`` on the target data.
 
@@ -155,6 +181,9 @@ def estimate_channel_attention(
             by :func:`~deltaft.attention.channel_removal_scores`.
         prefix_tokens: leading tokens of ``(B, N, C)`` maps that are not scored (see
             :func:`~deltaft.attention.channel_removal_scores`); pass the objective's value.
+        on_probe: called with the copy step 1 trained (the source with its new head, eval
+            mode) before its channels are scored, which leave its weights as they are; LP-FT
+            keeps that head as its linear probe this way instead of training another.
 
     Returns:
         A :class:`ChannelAttention` with the source's and the scored batches' fingerprints.
@@ -179,13 +208,13 @@ def estimate_channel_attention(
     if not 0 < lr_gamma <= 1:  # also rejects NaN
         raise ValueError(
             f"lr_gamma must be in (0, 1] (the lr's factor per epoch; the reference's is "
-            f"0.1 ** (1 / 6) = {_REFERENCE_LR_GAMMA:.4f}), got {lr_gamma}."
+            f"0.1 ** (1 / 6) = {REFERENCE_LR_GAMMA:.4f}), got {lr_gamma}."
         )
     check_n_batches(n_batches)  # fail before training
     check_temperature(temperature)
     resolve_layers(source, layers)
     fingerprint = model_fingerprint(source)
-    model = _train_head(
+    model = train_linear_probe(
         source,
         loader,
         num_classes,
@@ -197,7 +226,10 @@ def estimate_channel_attention(
         bn=bn,
         head=head,
         device=device,
+        log_as="attention head",
     )
+    if on_probe is not None:
+        on_probe(model)
     batches = take_batches(loader if score_loader is None else score_loader, n_batches)
     scores = channel_removal_scores(
         model,

@@ -21,7 +21,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory")
     parser.add_argument("--data", metavar="DIR", help="other data (default: the run's)")
     parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last", "wise"),
+        default="best",
+        help="best (validation), last epoch, or wise: the WiSE-FT weights of a +wise run "
+        "(default: best)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, dest="batch_size")
     parser.add_argument("--workers", type=int)

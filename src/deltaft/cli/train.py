@@ -58,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"val accuracy: {percent(summary['val_accuracy'])} (best {best})")
         if summary["test_accuracy"] is not None:
             print(f"test accuracy: {percent(summary['test_accuracy'])}")
+        if "wise" in summary:  # recipe +wise: the lines above are the WiSE-FT model's
+            print(
+                f"WiSE-FT: a={summary['wise']['alpha']:g} chosen on validation "
+                f"(checkpoints/wise.pt); fine-tuned network's test accuracy: "
+                f"{percent(summary['finetuned']['test_accuracy'])}"
+            )
         if summary["skipped"]["count"]:
             print(f"skipped {summary['skipped']['count']} unreadable image(s)")
     return 0
