@@ -271,9 +271,10 @@ class RunDir:
             self.attention_path.name,
             "curves.png",
             "attention.png",
+            "relationship.pt",  # cotuning
         )
         stale = remove_stale_temporaries(self.path, names)
-        stale += remove_stale_temporaries(self.checkpoint_dir, ("last.pt", "best.pt"))
+        stale += remove_stale_temporaries(self.checkpoint_dir, ("last.pt", "best.pt", "wise.pt"))
         for path in stale:
             logger.info("Removed %s, left by an interrupted write.", path)
 
