@@ -1,0 +1,375 @@
+"""The trials of ``deltaft tune``: the per-process loop, one trial's run, stale trials, jobs.
+
+See :mod:`deltaft.app.tune`. A worker (this process, or one of ``--jobs`` processes, or another
+``deltaft tune`` on the same storage) runs trials of one method's study until the study has
+enough finished ones; each trial records its host, pid and a heartbeat, so that a trial left
+RUNNING by a process that died is found, marked failed and retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltaft.app.build import derived_seed
+from deltaft.app.config import TrainConfig
+from deltaft.app.errors import SettingError
+from deltaft.app.tune import (
+    GRACE_S,
+    HEARTBEAT_S,
+    TuneOptions,
+    _optuna,
+    _sampler,
+    open_study,
+    storage_of,
+    trial_config,
+)
+from deltaft.app.tune_space import Param
+from deltaft.engine import NonFiniteLossError, ProgressFn
+
+__all__ = [
+    "Heartbeat",
+    "TrialOutcome",
+    "TuneContext",
+    "fail_stale_trials",
+    "run_trial",
+    "work_in_processes",
+]
+
+logger = logging.getLogger(__name__)
+
+_FAILS_IN_A_ROW = 3  # with no finished trial yet: the settings, not the trials, are wrong
+
+
+@dataclass
+class TuneContext:
+    """What a worker (this process or a job) needs to run trials."""
+
+    base: TrainConfig
+    out: Path
+    options: TuneOptions
+    spaces: dict[str, dict[str, Param]]
+    progress: ProgressFn | None = None
+
+    def work(self, worker: int, storage: Any = None) -> None:
+        """Run each method's trials until its study has enough finished ones."""
+        storage = storage if storage is not None else storage_of(self.out, self.options.storage)
+        started = time.perf_counter()
+        for index, method in enumerate(self.spaces):
+            study = open_study(self.base, method, self.spaces[method], self.options, storage)
+            _Worker(self, method, study, worker, started, len(self.spaces) - index - 1).run()
+
+
+def _state(trial: Any) -> str:
+    return str(trial.state.name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class _Worker:
+    context: TuneContext
+    method: str
+    study: Any
+    worker: int
+    started: float
+    methods_after: int
+    fails_in_a_row: int = 0
+
+    @property
+    def target(self) -> int:
+        if self.context.options.sampler == "grid":
+            grid = 1
+            for param in self.context.spaces[self.method].values():
+                grid *= len(param.grid_points())
+            return min(self.context.options.trials, grid)
+        return self.context.options.trials
+
+    def run(self) -> None:
+        optuna = _optuna()
+        states = optuna.trial.TrialState
+        while True:
+            fail_stale_trials(self.study)
+            trials = self.study.get_trials(deepcopy=False)
+            finished = sum(t.state in (states.COMPLETE, states.PRUNED) for t in trials)
+            running = sum(t.state == states.RUNNING for t in trials)
+            waiting = sum(t.state == states.WAITING for t in trials)
+            if finished >= self.target:
+                return
+            if finished + running >= self.target and not waiting:
+                logger.info(
+                    "tune %s: the %d remaining trial(s) run in other processes",
+                    self.method, self.target - finished,
+                )  # fmt: skip
+                return
+            seed = derived_seed(self.context.base.seed, self.method, len(trials), self.worker)
+            seed %= 2**32  # what Optuna's samplers take
+            space = self.context.spaces[self.method]
+            self.study.sampler = _sampler(self.context.options, space, seed)
+            trial = self.study.ask()
+            if self._surplus(trial):
+                return
+            self._run_trial(trial, finished)
+
+    def _surplus(self, trial: Any) -> bool:
+        """Another process started the last needed trial at the same time: give this one up."""
+        optuna = _optuna()
+        states = optuna.trial.TrialState
+        counted = (states.COMPLETE, states.PRUNED, states.RUNNING)
+        before = [
+            t
+            for t in self.study.get_trials(deepcopy=False)
+            if t.number < trial.number and t.state in counted
+        ]
+        if len(before) < self.target:
+            return False
+        trial.set_user_attr("surplus", True)
+        self.study.tell(trial, state=states.FAIL)
+        return True
+
+    def _run_trial(self, trial: Any, finished: int) -> None:
+        outcome = run_trial(self.context, self.method, self.study, trial)
+        if outcome.state == "FAIL" and not outcome.interrupted:
+            self.fails_in_a_row += 1
+            if self.fails_in_a_row >= _FAILS_IN_A_ROW and not self._any_finished():
+                raise ValueError(
+                    f"tune {self.method}: {self.fails_in_a_row} trials failed in a row and none "
+                    f"finished; the last: {outcome.message}"
+                )
+        else:
+            self.fails_in_a_row = 0
+        self._log_progress(outcome, finished)
+
+    def _any_finished(self) -> bool:
+        states = _optuna().trial.TrialState
+        return any(
+            t.state in (states.COMPLETE, states.PRUNED)
+            for t in self.study.get_trials(deepcopy=False)
+        )
+
+    def _log_progress(self, outcome: Any, finished_before: int) -> None:
+        done = finished_before + (outcome.state != "FAIL")
+        elapsed = time.perf_counter() - self.started
+        mean = outcome.seconds if done == 0 else elapsed / max(1, done)
+        left = (self.target - done) + self.methods_after * self.target
+        jobs = self.context.options.jobs
+        eta = mean * left / jobs
+        try:
+            best = f"{100 * self.study.best_value:.2f} %"
+        except ValueError:
+            best = "-"
+        logger.info(
+            "tune %s: trial %d %s (%s) in %.0f s; %d/%d finished; best val %s; ETA %s",
+            self.method, outcome.number, outcome.state.lower(), outcome.message,
+            outcome.seconds, done, self.target, best, _duration(eta),
+        )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def fail_stale_trials(study: Any) -> list[int]:
+    """Mark RUNNING trials whose process died as failed and enqueue their settings again.
+
+    A trial is stale when its process ran on this machine and is gone, or when its heartbeat
+    (see :data:`HEARTBEAT_S`) is older than :data:`GRACE_S`. Returns the numbers marked.
+    """
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    host, now, marked = socket.gethostname(), time.time(), []
+    for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        attrs = trial.user_attrs
+        beat = attrs.get("heartbeat")
+        same_host = attrs.get("host") == host and isinstance(attrs.get("pid"), int)
+        dead = same_host and attrs["pid"] != os.getpid() and not _pid_alive(attrs["pid"])
+        silent = isinstance(beat, (int, float)) and now - beat > GRACE_S
+        if not (dead or silent):
+            continue
+        why = f"its process ({attrs.get('pid')} on {attrs.get('host')}) ended mid-trial; retried"
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "error", why)
+            study.tell(trial.number, state=states.FAIL)
+        except (RuntimeError, ValueError):  # another process marked it first
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        logger.warning("tune: trial %d %s", trial.number, why)
+        marked.append(trial.number)
+    return marked
+
+
+class Heartbeat:
+    """Writes ``heartbeat`` (the time) to a running trial every :data:`HEARTBEAT_S` seconds."""
+
+    def __init__(self, study: Any, trial: Any) -> None:
+        self._stop = threading.Event()
+        self._study, self._trial_id = study, trial._trial_id
+        self._thread = threading.Thread(
+            target=self._beat, name="deltaft-tune-heartbeat", daemon=True
+        )
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._study._storage.set_trial_user_attr(self._trial_id, "heartbeat", time.time())
+            except Exception:  # the trial finished meanwhile
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How a trial ended: ``state`` (``COMPLETE``, ``PRUNED``, ``FAIL``) and a short message."""
+
+    number: int
+    state: str
+    message: str
+    seconds: float
+    interrupted: bool = False
+
+
+def _suggest(trial: Any, param: Param) -> Any:
+    if param.choices is not None:
+        return trial.suggest_categorical(param.name, list(param.choices))
+    assert param.low is not None and param.high is not None  # a range without choices
+    if param.integer:
+        return trial.suggest_int(param.name, int(param.low), int(param.high), log=param.log)
+    return trial.suggest_float(param.name, param.low, param.high, log=param.log)
+
+
+def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> TrialOutcome:
+    """Train ``trial``'s settings on validation only; tell the study how it ended.
+
+    Pruned from its per-epoch validation accuracy; a ``ValueError`` (a setting that cannot
+    work), a diverged loss or CUDA out-of-memory is a failed trial with its message; Ctrl-C marks
+    it failed, enqueues its settings again (the next run retries them) and propagates.
+    """
+    import torch
+
+    from deltaft.app.train import run_training
+
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    started = time.perf_counter()
+    for key, value in (
+        ("host", socket.gethostname()),
+        ("pid", os.getpid()),
+        ("heartbeat", time.time()),
+    ):
+        trial.set_user_attr(key, value)
+    space = context.spaces[method]
+    params = {name: _suggest(trial, param) for name, param in space.items()}
+    out = context.out / "trials" / method / str(trial.number)
+    trial.set_user_attr("out", str(out))
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        accuracy = row.get("val/acc")
+        if accuracy is None:
+            return
+        trial.report(float(accuracy), int(row["epoch"]))
+        if trial.should_prune():
+            raise optuna.TrialPruned(
+                f"pruned after epoch {row['epoch']} at val {100 * accuracy:.2f} %"
+            )
+
+    def ended(state: Any, message: str, value: float | None = None, **extra: Any) -> TrialOutcome:
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+        if state == states.FAIL:
+            trial.set_user_attr("error", message)
+        study.tell(trial, value if state == states.COMPLETE else None, state=state)
+        return TrialOutcome(
+            trial.number, state.name, message, time.perf_counter() - started, **extra
+        )
+
+    progress = context.progress if context.options.jobs == 1 else None
+    with Heartbeat(study, trial):
+        try:
+            cfg = trial_config(context.base, method, params, out)
+            summary = run_training(cfg, progress=progress, test=False, on_epoch=on_epoch)
+        except optuna.TrialPruned as pruned:
+            return ended(states.PRUNED, str(pruned))
+        except (ValueError, NonFiniteLossError, torch.cuda.OutOfMemoryError) as error:
+            message = (
+                error.render(lambda key: key) if isinstance(error, SettingError) else str(error)
+            )
+            logger.warning("tune %s: trial %d failed: %s", method, trial.number, message)
+            return ended(states.FAIL, " ".join(message.split()))
+        except KeyboardInterrupt:
+            ended(states.FAIL, "interrupted; retried by the next run", interrupted=True)
+            study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+            raise
+    accuracy = summary["val_accuracy"]
+    trial.set_user_attr("best_val_accuracy", summary["best_val_accuracy"])
+    trial.set_user_attr("epochs", summary["epochs"])
+    return ended(states.COMPLETE, f"val {100 * accuracy:.2f} %", float(accuracy))
+
+
+# ------------------------------------------------------------------------------------------------
+# Jobs
+# ------------------------------------------------------------------------------------------------
+def _job_work(job: tuple[TuneContext, int]) -> int:
+    context, worker = job
+    context.work(worker)
+    return worker
+
+
+def work_in_processes(context: TuneContext, jobs: int) -> None:
+    """Run ``jobs`` workers at once, each in its own process (``spawn``) with
+    ``threads // jobs`` torch threads; they share the studies through the storage. Their log
+    records reach this process's ``deltaft`` loggers; Ctrl-C or this process's death ends them.
+    """
+    import logging.handlers
+    import multiprocessing
+
+    import torch
+
+    from deltaft.app.compare import _job_init, _ToLogger
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    level = logging.getLogger("deltaft").getEffectiveLevel()
+    logger.info("tune: %d processes, %d torch thread(s) each", jobs, threads)
+    mp = multiprocessing.get_context("spawn")
+    queue = mp.Queue()
+    listener = logging.handlers.QueueListener(queue, _ToLogger())
+    listener.start()
+    pool = mp.Pool(jobs, initializer=_job_init, initargs=(threads, level, queue, os.getpid()))
+    quiet = TuneContext(context.base, context.out, context.options, context.spaces, None)
+    try:
+        for _ in pool.imap_unordered(_job_work, [(quiet, worker) for worker in range(jobs)]):
+            pass
+        pool.close()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            "interrupted; finished trials are kept, and the same command continues the study "
+            "(the interrupted trials are marked failed and retried)."
+        ) from None
+    finally:
+        pool.terminate()
+        pool.join()
+        listener.stop()
