@@ -45,6 +45,7 @@ __all__ = [
     "INSTALL",
     "TuneOptions",
     "check_validation",
+    "grid_order",
     "open_study",
     "run_tune",
     "storage_of",
@@ -154,18 +155,41 @@ def trial_config(
     return dataclasses.replace(base, **changes)
 
 
-def _stored_settings(base: TrainConfig) -> dict[str, Any]:
-    """The base settings a study is bound to (runtime settings and ``out`` aside)."""
-    return {k: v for k, v in base.to_dict().items() if k not in RUNTIME_KEYS | {"method"}}
+def _stored_settings(base: TrainConfig, space: Mapping[str, Param]) -> dict[str, Any]:
+    """The base settings a study is bound to: runtime settings, ``out`` and the tuned ones
+    aside."""
+    ignored = RUNTIME_KEYS | {"method"} | set(space)
+    return {k: v for k, v in base.to_dict().items() if k not in ignored}
 
 
-def _sampler(options: TuneOptions, space: Mapping[str, Param], seed: int) -> Any:
+def _differences(old: Any, new: Any) -> str:
+    """``key: A there, B now`` for each differing key of two dicts; else both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+        return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
+    return f"{old!r} there, {new!r} now"
+
+
+def _sampler(options: TuneOptions, seed: int) -> Any:
+    """TPE, seeded; with ``grid`` the points are enqueued (see ``grid_order``) and the sampler
+    is never asked."""
     optuna = _optuna()
-    if options.sampler == "grid":
-        grid = {name: param.grid_points() for name, param in space.items()}
-        return optuna.samplers.GridSampler(grid, seed=seed)
     startup = min(10, max(3, options.trials // 3))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def grid_order(space: Mapping[str, Param], seed: int) -> list[dict[str, Any]]:
+    """Every point of ``space``'s grid, in an order shuffled by ``seed``."""
+    import itertools
+    import random
+
+    names = list(space)
+    points = [
+        dict(zip(names, values, strict=True))
+        for values in itertools.product(*(space[n].grid_points() for n in names))
+    ]
+    random.Random(seed).shuffle(points)
+    return points
 
 
 def _pruner(options: TuneOptions) -> Any:
@@ -202,7 +226,7 @@ def open_study(
         pruner=_pruner(options),
     )
     bound = {
-        "deltaft:config": _stored_settings(base),
+        "deltaft:config": _stored_settings(base, space),
         "deltaft:space": sorted(p.describe() for p in space.values()),
         "deltaft:sampler": options.sampler,
     }
@@ -214,7 +238,7 @@ def open_study(
             differs = key.split(":")[1]
             raise SettingError(
                 f"The study {literal(study_name(method))} in this storage was run with another "
-                f"{literal(differs)} ({literal(stored[key])}, now {literal(value)}); use another "
+                f"{literal(differs)} ({literal(_differences(stored[key], value))}); use another "
                 "{out} or {storage} for other settings, or the same ones to continue it."
             )
     return study

@@ -246,7 +246,7 @@ def plot_tuning(rows: Sequence[MethodTuning], out: Path) -> dict[str, Path]:
         return {}
     fig, axes = made
     for ax, row in zip(axes, rows, strict=True):
-        points = [(t["number"], t["value"]) for t in row.trials if t["value"] is not None]
+        points = [(t["number"], t["value"]) for t in row.trials if t["state"] == "COMPLETE"]
         pruned = [
             (t["number"], list(t["epochs"].values())[-1])
             for t in row.trials
@@ -268,7 +268,7 @@ def plot_tuning(rows: Sequence[MethodTuning], out: Path) -> dict[str, Path]:
     if made is not None and panels:
         fig, axes = made
         for ax, (row, name) in zip(axes, panels, strict=True):
-            done = [t for t in row.trials if t["value"] is not None and name in t["params"]]
+            done = [t for t in row.trials if t["state"] == "COMPLETE" and name in t["params"]]
             ax.plot([t["params"][name] for t in done], [100 * t["value"] for t in done], "o")
             values = [t["params"][name] for t in done]
             if values and min(values) > 0 and max(values) / min(values) > 10:
@@ -279,7 +279,9 @@ def plot_tuning(rows: Sequence[MethodTuning], out: Path) -> dict[str, Path]:
 
 
 def _tuned(row: MethodTuning, name: str) -> bool:
-    return any(name in t["params"] and _finite(t["value"]) for t in row.trials)
+    return any(
+        name in t["params"] and t["state"] == "COMPLETE" and _finite(t["value"]) for t in row.trials
+    )
 
 
 def _finite(value: Any) -> bool:

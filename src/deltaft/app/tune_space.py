@@ -149,6 +149,9 @@ def _param(where: str, name: str, value: Any, hint: Any) -> Param | None:
             f"{where}: a log-uniform range needs low > 0, got {low:g}; set log: false or a "
             "positive low."
         )
+    outside = [g for g in grid or () if not low <= float(g) <= high]
+    if outside:
+        raise ValueError(f"{where}: grid points {outside} lie outside [{low:g}, {high:g}].")
     return Param(name, low, high, log, grid=grid, integer=integer)
 
 

@@ -26,6 +26,7 @@ from deltaft.app.tune import (
     TuneOptions,
     _optuna,
     _sampler,
+    grid_order,
     open_study,
     storage_of,
     trial_config,
@@ -118,12 +119,30 @@ class _Worker:
                 return
             seed = derived_seed(self.context.base.seed, self.method, len(trials), self.worker)
             seed %= 2**32  # what Optuna's samplers take
-            space = self.context.spaces[self.method]
-            self.study.sampler = _sampler(self.context.options, space, seed)
+            self.study.sampler = _sampler(self.context.options, seed)
+            if self.context.options.sampler == "grid" and not waiting:
+                point = self._next_grid_point(trials)
+                if point is None:
+                    return
+                self.study.enqueue_trial(point)
             trial = self.study.ask()
             if self._surplus(trial):
                 return
             self._run_trial(trial, finished)
+
+    def _next_grid_point(self, trials: list[Any]) -> dict[str, Any] | None:
+        """The first grid point (in the seeded order) no live or finished trial has."""
+        states = _optuna().trial.TrialState
+        taken = [
+            t.params or t.system_attrs.get("fixed_params", {})
+            for t in trials
+            if t.state != states.FAIL
+        ]
+        space = self.context.spaces[self.method]
+        for point in grid_order(space, self.context.base.seed):
+            if point not in taken:
+                return point
+        return None
 
     def _surplus(self, trial: Any) -> bool:
         """Another process started the last needed trial at the same time: give this one up."""
