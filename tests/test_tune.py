@@ -3,12 +3,15 @@ pruning, failed trials, the command line and ``compare --tuned``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from deltaft.app.tune import TuneOptions, open_study, run_tune, storage_of, stud
 from deltaft.app.tune_report import load_tuned
 from deltaft.app.tune_space import DEFAULT_SPACES, method_space, parse_search_space
 from deltaft.engine import NonFiniteLossError
-from tests.cli_support import MODEL, raises_rendered, write_images
+from tests.cli_support import MODEL, raises_rendered, run_main, write_images
 
 optuna = pytest.importorskip("optuna")
 
@@ -314,3 +317,128 @@ def test_grid_sampler_tries_each_point_once(
     result = run_tune(_base(data), ["l2"], out, options)
     assert sorted(c.lr for c in fake.calls) == [0.001, 0.01, 0.1]  # 3 points, not 10 trials
     assert result.methods[0].best_params == {"lr": 0.01}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def test_cli_tune_reads_spaces_from_the_config_file_and_refuses_bad_input(
+    fake: _FakeTraining, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tune.yaml"
+    config.write_text(
+        f"data: {data}\nmodel: {MODEL}\nweights: none\nimage_size: 16\nepochs: 2\n"
+        "search_space:\n  l2: {lr: {choices: [0.001, 0.01]}, weight_decay: null}\n"
+    )
+    out = tmp_path / "tune"
+    common = ("tune", "--config", str(config), "--methods", "l2", "--out", str(out))
+    code, stdout, _ = run_main(
+        capsys, *common, "--trials", "2", "--sampler", "grid", "--workers", "0"
+    )
+    assert code == 0, stdout
+    assert "| l2 | 100.00 | lr=0.01 | 2 | 0 | 0 |" in stdout and "compare --tuned" in stdout
+    assert sorted(c.lr for c in fake.calls) == [0.001, 0.01]
+    for argv, match in (
+        (("--trials", "0"), r"--trials must be >= 1, got 0"),
+        (("--method", "l2"), r"--method: not an option of tune; use --methods"),
+        (("--resume",), r"--resume: not an option of tune"),
+        (("--methods", "l2,scratch"), r"--methods: 'scratch' cannot be tuned"),
+        (("--sampler", "cmaes"), r"argument --sampler: invalid choice: 'cmaes'"),
+    ):
+        code, _, err = run_main(capsys, *common, *argv)
+        assert code == 2 and re.search(match, err), err
+    config.write_text(config.read_text().replace("weight_decay: null", "wd: 1"))
+    code, _, err = run_main(capsys, *common)
+    assert code == 2 and "tune.yaml: search_space.l2.wd: not a setting that can be tuned" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Real trainings (tiny model, generated images)
+# ------------------------------------------------------------------------------------------------
+def _garble_test_images(data: Path) -> None:
+    for path in (data / "test").rglob("*.png"):
+        path.write_bytes(b"not an image at all")
+
+
+@pytest.mark.slow
+def test_the_test_split_is_never_read_same_choice_with_garbage_test_images(
+    data: Path, tmp_path: Path
+) -> None:
+    from deltaft.app.train import run_training
+
+    base = _base(data, epochs=2)
+    options = TuneOptions(trials=2, pruner="none", keep_trials="all")
+    first = run_tune(base, ["l2"], tmp_path / "a", options)
+    _garble_test_images(data)
+    with pytest.raises(ValueError, match=r"test"):  # a normal run does read them
+        run_training(dataclasses.replace(base, out=str(tmp_path / "run")))
+    second = run_tune(base, ["l2"], tmp_path / "b", options)
+    assert first.methods[0].best_params == second.methods[0].best_params
+    rows = [
+        [(t["params"], t["value"], t["epochs"]) for t in r.methods[0].trials]
+        for r in (first, second)
+    ]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
+    summary = json.loads(Path(second.methods[0].best_out, "summary.json").read_text())
+    assert summary["test_accuracy"] is None and summary["test_images"] is None
+
+
+@pytest.mark.slow
+def test_pruning_stops_a_poor_trial_after_its_second_epoch(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    base = _base(data, epochs=3)
+    space = parse_search_space({"l2": {"lr": {"choices": [0.05, 1e-7]}, "weight_decay": None}})
+    options = TuneOptions(trials=3, pruner="median", keep_trials="all", space=space)
+    study = open_study(base, "l2", method_space("l2", space), options, storage_of(out, None))
+    for lr in (0.05, 0.05, 1e-7):  # two good trials set the median, then a poor one
+        study.enqueue_trial({"lr": lr})
+    result = run_tune(base, ["l2"], out, options)
+    trials = _trials(out)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert list(trials[2].intermediate_values) == [1, 2]  # stopped after epoch 2 of 3
+    rows = (out / "trials" / "l2" / "2" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and result.methods[0].pruned == 1
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_storage_finish_n_trials_in_total(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    options = TuneOptions(trials=4, pruner="none", jobs=2, keep_trials="all")
+    run_tune(_base(data), ["l2"], out, options)
+    trials = [t for t in _trials(out) if not t.user_attrs.get("surplus")]
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4 and len({t.number for t in finished}) == 4
+    assert len({t.user_attrs["out"] for t in finished}) == 4
+    assert all(Path(t.user_attrs["out"], "summary.json").is_file() for t in finished)
+
+
+@pytest.mark.slow
+def test_a_killed_tune_continues_when_run_again(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL mid-trial: the next run marks that trial failed, retries it, keeps the rest."""
+    out = tmp_path / "tune"
+    argv = [
+        sys.executable, "-m", "deltaft", "tune", "--data", str(data), "--model", MODEL,
+        "--weights", "none", "--image-size", "16", "--epochs", "40", "--batch-size", "8",
+        "--workers", "0", "--method" + "s", "l2", "--trials", "2", "--pruner", "none",
+        "--out", str(out), "--threads", "1", "-q",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), *sys.path])}
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    metrics = out / "trials" / "l2" / "0" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not metrics.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert metrics.is_file(), process.stderr.read() if process.stderr else ""
+    finally:
+        process.kill()
+        process.wait()
+    assert [t.state.name for t in _trials(out)] == ["RUNNING"]
+    monkeypatch.setattr("deltaft.app.train.run_training", _FakeTraining())  # the rerun: fast
+    run_tune(_base(data, epochs=40), ["l2"], out, TuneOptions(trials=2, pruner="none"))
+    trials = _trials(out)
+    assert trials[0].state.name == "FAIL" and "ended mid-trial" in trials[0].user_attrs["error"]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    assert _states(out) == {"FAIL": 1, "COMPLETE": 2}

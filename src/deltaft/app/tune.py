@@ -196,7 +196,8 @@ def _pruner(options: TuneOptions) -> Any:
     optuna = _optuna()
     if options.pruner == "median":
         startup = max(2, min(5, options.trials // 4))
-        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=1)
+        # Steps are epochs (from 1): the first epoch never prunes.
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=2)
     if options.pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()

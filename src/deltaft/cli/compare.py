@@ -26,9 +26,9 @@ _PER_RUN_FLAGS = {
 class _Refuse(argparse.Action):
     """A flag of ``deltaft train`` that ``compare`` sets per run: an error that says what to use."""
 
-    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hint: str, command: str = "compare", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.hint = hint
+        self.hint, self.command = hint, command
 
     def __call__(
         self,
@@ -37,7 +37,7 @@ class _Refuse(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        raise argparse.ArgumentError(self, f"not an option of compare; {self.hint}.")
+        raise argparse.ArgumentError(self, f"not an option of {self.command}; {self.hint}.")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -9,12 +9,16 @@ from deltaft.app.compare import parse_methods
 from deltaft.app.config import TrainConfig
 from deltaft.app.config_io import read_settings_file
 from deltaft.app.methods import spec_help
-from deltaft.cli.compare import _PER_RUN_FLAGS, _Refuse
+from deltaft.cli.compare import _Refuse
 from deltaft.cli.options import add_settings, add_train_arguments, argparse_type
 
 __all__ = ["SPACE_KEY", "add_parser", "run"]
 
 SPACE_KEY = "search_space"  # the config file's key for the spaces (not a train setting)
+_REFUSED = {
+    "--method": "use --methods l2,delta (a comma list): each method gets its own study",
+    "--resume": "tune always continues the study in --out (or --storage) when run again",
+}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -74,12 +78,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         if action.dest == "out":
             action.metavar = "OUT"
             action.help = "tuning folder: study.log, trials/, best/, tune.*"
-    for flag, hint in _PER_RUN_FLAGS.items():
-        if flag != "--seed":
-            tune_hint = hint.replace("compare", "tune").replace("runs", "trials")
-            parser.add_argument(
-                flag, nargs="?", action=_Refuse, help=argparse.SUPPRESS, hint=tune_hint
-            )
+    for flag, hint in _REFUSED.items():
+        parser.add_argument(
+            flag, nargs="?", action=_Refuse, help=argparse.SUPPRESS, hint=hint, command="tune"
+        )
     add_settings(parser, ["seed"])  # every trial's seed, and the sampler's
     parser.set_defaults(func=run)
     return parser
