@@ -19,9 +19,10 @@ import pytest
 
 from deltaft.app.config import TrainConfig, load_config
 from deltaft.app.errors import SettingError
-from deltaft.app.tune import TuneOptions, open_study, run_tune, storage_of, study_name
+from deltaft.app.tune import TuneOptions, run_tune
 from deltaft.app.tune_report import load_tuned
 from deltaft.app.tune_space import DEFAULT_SPACES, method_space, parse_search_space
+from deltaft.app.tune_study import open_study, storage_of, study_name
 from deltaft.engine import NonFiniteLossError
 from tests.cli_support import MODEL, raises_rendered, run_main, write_images
 
@@ -67,9 +68,13 @@ class _FakeTraining:
         self.fail_if, self.interrupt_at = fail_if, interrupt_at
 
     def __call__(self, cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
-        assert kwargs["test"] is False  # tuning never reads the test split
         self.calls.append(cfg)
         Path(cfg.out).mkdir(parents=True)
+        if "on_epoch" not in kwargs:  # compare --tuned: a normal run, scored on test
+            (Path(cfg.out) / "config.yaml").write_text(cfg.to_yaml())
+            summary = {"method": cfg.method, "seed": cfg.seed, "seconds": 1.0}
+            return {**summary, "val_accuracy": 0.5, "test_accuracy": _score(cfg) - 0.1}
+        assert kwargs["test"] is False  # tuning never reads the test split
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at + 1:
             raise KeyboardInterrupt
         if self.fail_if is not None and self.fail_if(cfg):
@@ -350,6 +355,36 @@ def test_cli_tune_reads_spaces_from_the_config_file_and_refuses_bad_input(
     config.write_text(config.read_text().replace("weight_decay: null", "wd: 1"))
     code, _, err = run_main(capsys, *common)
     assert code == 2 and "tune.yaml: search_space.l2.wd: not a setting that can be tuned" in err
+
+
+def test_compare_tuned_retrains_each_method_with_its_best_settings(
+    fake: _FakeTraining, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tuned = tmp_path / "tune"
+    run_tune(_base(data, epochs=3), ["l2", "l2sp"], tuned, TuneOptions(trials=3, pruner="none"))
+    best = load_tuned(tuned)
+    fake.calls.clear()
+    out = tmp_path / "cmp"
+    argv = ("compare", "--tuned", str(tuned), "--seeds", "2", "--out", str(out), "--workers", "0")
+    code, stdout, err = run_main(capsys, *argv)
+    assert code == 0, err
+    assert [(c.method, c.seed) for c in fake.calls] == [
+        ("l2", 0),
+        ("l2", 1),
+        ("l2sp", 0),
+        ("l2sp", 1),
+    ]
+    for cfg in fake.calls:  # the tune's base settings, the method's own best ones
+        assert {k: getattr(cfg, k) for k in best[cfg.method]} == best[cfg.method]
+        assert (cfg.data, cfg.model, cfg.epochs, cfg.image_size) == (str(data), MODEL, 3, 16)
+    note = "chosen on the validation split by deltaft tune"
+    assert note in stdout and note in (out / "compare.md").read_text()
+    code, _, err = run_main(capsys, *argv[:-2], "--methods", "delta", "--out", str(tmp_path / "c2"))
+    assert code == 2 and "--methods delta were not tuned there (tuned: l2, l2sp)" in err
+    code, _, err = run_main(
+        capsys, "compare", "--tuned", str(tmp_path), "--out", str(tmp_path / "c3")
+    )
+    assert code == 2 and "tune.json not found: --tuned takes the --out folder of a finished" in err
 
 
 # ------------------------------------------------------------------------------------------------

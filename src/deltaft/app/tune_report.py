@@ -19,10 +19,18 @@ from typing import Any
 
 from deltaft._utils import atomic_write
 from deltaft.app.config import TrainConfig
-from deltaft.app.tune import TuneOptions, _optuna, study_name, trial_config
 from deltaft.app.tune_space import Param
+from deltaft.app.tune_study import TuneOptions, require_optuna, study_name, trial_config
 
-__all__ = ["MethodTuning", "TuneResult", "load_tuned", "write_results"]
+__all__ = [
+    "MethodTuning",
+    "TuneResult",
+    "load_tuned",
+    "plot_tuning",
+    "summarize_study",
+    "tuned_base",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +128,7 @@ def _trial_row(trial: Any) -> dict[str, Any]:
 
 def summarize_study(study: Any, method: str, space: Mapping[str, Param]) -> MethodTuning:
     """A :class:`MethodTuning` from a study (surplus trials, given up unstarted, left out)."""
-    optuna = _optuna()
+    optuna = require_optuna()
     states = optuna.trial.TrialState
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     complete = [t for t in trials if t.state == states.COMPLETE]
@@ -163,7 +171,7 @@ def write_results(
 ) -> TuneResult:
     """Summarize each method's study and write ``tune.md``, ``tune.json``, ``best/*.yaml`` and
     the figures into ``out``; remove trial folders as ``options.keep_trials`` says."""
-    optuna = _optuna()
+    optuna = require_optuna()
     rows = []
     for method in methods:
         study = optuna.load_study(study_name=study_name(method), storage=storage)
@@ -203,6 +211,20 @@ def write_results(
 def _write_text(path: Path, text: str) -> None:
     data = text.encode()
     atomic_write(path, lambda handle: handle.write(data))
+
+
+def tuned_base(folder: str | Path) -> dict[str, Any]:
+    """The base settings a tune folder's studies ran with (``tune.json``), less ``out``,
+    ``method`` and ``resume``: the lowest source of ``compare --tuned``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_tuned`.
+    """
+    load_tuned(folder)  # the same checks and messages
+    base = json.loads((Path(folder) / "tune.json").read_text()).get("base")
+    if not isinstance(base, dict):
+        raise ValueError(f"{Path(folder) / 'tune.json'} has no base settings; tune again.")
+    return {k: v for k, v in base.items() if k not in ("out", "method", "resume")}
 
 
 def load_tuned(folder: str | Path) -> dict[str, dict[str, Any]]:

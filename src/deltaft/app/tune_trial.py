@@ -20,18 +20,18 @@ from typing import Any
 from deltaft.app.build import derived_seed
 from deltaft.app.config import TrainConfig
 from deltaft.app.errors import SettingError
-from deltaft.app.tune import (
+from deltaft.app.tune_space import Param
+from deltaft.app.tune_study import (
     GRACE_S,
     HEARTBEAT_S,
     TuneOptions,
-    _optuna,
-    _sampler,
     grid_order,
     open_study,
+    require_optuna,
     storage_of,
+    tpe_sampler,
     trial_config,
 )
-from deltaft.app.tune_space import Param
 from deltaft.engine import NonFiniteLossError, ProgressFn
 
 __all__ = [
@@ -101,7 +101,7 @@ class _Worker:
         return self.context.options.trials
 
     def run(self) -> None:
-        optuna = _optuna()
+        optuna = require_optuna()
         states = optuna.trial.TrialState
         while True:
             fail_stale_trials(self.study)
@@ -119,7 +119,7 @@ class _Worker:
                 return
             seed = derived_seed(self.context.base.seed, self.method, len(trials), self.worker)
             seed %= 2**32  # what Optuna's samplers take
-            self.study.sampler = _sampler(self.context.options, seed)
+            self.study.sampler = tpe_sampler(self.context.options, seed)
             if self.context.options.sampler == "grid" and not waiting:
                 point = self._next_grid_point(trials)
                 if point is None:
@@ -132,7 +132,7 @@ class _Worker:
 
     def _next_grid_point(self, trials: list[Any]) -> dict[str, Any] | None:
         """The first grid point (in the seeded order) no live or finished trial has."""
-        states = _optuna().trial.TrialState
+        states = require_optuna().trial.TrialState
         taken = [
             t.params or t.system_attrs.get("fixed_params", {})
             for t in trials
@@ -146,7 +146,7 @@ class _Worker:
 
     def _surplus(self, trial: Any) -> bool:
         """Another process started the last needed trial at the same time: give this one up."""
-        optuna = _optuna()
+        optuna = require_optuna()
         states = optuna.trial.TrialState
         counted = (states.COMPLETE, states.PRUNED, states.RUNNING)
         before = [
@@ -174,7 +174,7 @@ class _Worker:
         self._log_progress(outcome, finished)
 
     def _any_finished(self) -> bool:
-        states = _optuna().trial.TrialState
+        states = require_optuna().trial.TrialState
         return any(
             t.state in (states.COMPLETE, states.PRUNED)
             for t in self.study.get_trials(deepcopy=False)
@@ -213,7 +213,7 @@ def fail_stale_trials(study: Any) -> list[int]:
     A trial is stale when its process ran on this machine and is gone, or when its heartbeat
     (see :data:`HEARTBEAT_S`) is older than :data:`GRACE_S`. Returns the numbers marked.
     """
-    optuna = _optuna()
+    optuna = require_optuna()
     states = optuna.trial.TrialState
     host, now, marked = socket.gethostname(), time.time(), []
     for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
@@ -293,7 +293,7 @@ def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> Tria
 
     from deltaft.app.train import run_training
 
-    optuna = _optuna()
+    optuna = require_optuna()
     states = optuna.trial.TrialState
     started = time.perf_counter()
     for key, value in (
