@@ -387,6 +387,34 @@ def test_compare_tuned_retrains_each_method_with_its_best_settings(
     assert code == 2 and "tune.json not found: --tuned takes the --out folder of a finished" in err
 
 
+def test_demo_tune_tunes_on_a_validation_part_of_the_pool_then_compares_on_test(
+    fake: _FakeTraining, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deltaft.app.tune_demo import prepare_tune_folder, run_demo_tune
+
+    pool = tmp_path / "cache" / "mnist5k-x"
+    write_images(pool, "train", 9, 0)
+    write_images(pool, "test", 2, 1)
+    monkeypatch.setattr("deltaft.app.demo.prepare_mnist5k", lambda cache_dir: pool)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model: {MODEL}\nweights: none\nimage_size: 16\nepochs: 2\nworkers: 0\n")
+    tuning, comparison = run_demo_tune(
+        tmp_path / "out", config=config, seeds=2, methods=["l2", "delta"], trials=3
+    )
+    folder = prepare_tune_folder(pool)  # reused: the same split
+    assert folder == pool.with_name("mnist5k-x-tune") and not (folder / "test").exists()
+    fit = {p.relative_to(folder / "train") for p in (folder / "train").rglob("*.png")}
+    val = {p.relative_to(folder / "val") for p in (folder / "val").rglob("*.png")}
+    assert (len(fit), len(val)) == (24, 12) and not fit & val  # 6 + 3 a class, disjoint
+    tuned_runs, compare_runs = fake.calls[:6], fake.calls[6:]
+    assert {c.data for c in tuned_runs} == {str(folder)}  # tuned without any test image
+    assert {c.data for c in compare_runs} == {str(pool)} and len(compare_runs) == 4
+    assert [m.method for m in tuning.methods] == ["l2", "delta"]
+    assert comparison.settings_note and "validation" in comparison.settings_note
+    assert (tmp_path / "out" / "tune" / "tune.md").is_file()
+    assert (tmp_path / "out" / "compare" / "compare.md").is_file()
+
+
 # ------------------------------------------------------------------------------------------------
 # Real trainings (tiny model, generated images)
 # ------------------------------------------------------------------------------------------------
@@ -477,3 +505,32 @@ def test_a_killed_tune_continues_when_run_again(
     assert trials[0].state.name == "FAIL" and "ended mid-trial" in trials[0].user_attrs["error"]
     assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
     assert _states(out) == {"FAIL": 1, "COMPLETE": 2}
+
+
+@pytest.mark.slow
+def test_delta_trials_share_one_attention_estimate_with_the_same_result(
+    data: Path, tmp_path: Path
+) -> None:
+    """The estimate does not depend on lr/alpha/beta: one file, and a trial that uses it ends
+    exactly as a run that estimates its own."""
+    from deltaft.app.train import run_training
+
+    out = tmp_path / "tune"
+    base = _base(data, method="delta", attention_epochs=1)
+    space = parse_search_space(
+        {"delta": {"lr": {"choices": [0.05]}, "alpha": {"choices": [0.1]}, "beta": None}}
+    )
+    options = TuneOptions(trials=1, pruner="none", keep_trials="all", space=space)
+    result = run_tune(base, ["delta"], out, options)
+    assert (out / "attention" / "delta.safetensors").is_file()
+    trial_dir = Path(result.methods[0].best_out or "")
+    tuned = load_config(trial_dir / "config.yaml")
+    assert tuned["attention"] == str(out / "attention" / "delta.safetensors")
+    own = dataclasses.replace(base, lr=0.05, alpha=0.1, out=str(tmp_path / "own"))
+    summary = run_training(own, test=False)
+    assert summary["val_accuracy"] == result.methods[0].best_value
+    rows = [json.loads(line) for line in (trial_dir / "metrics.jsonl").read_text().splitlines()]
+    mine = [
+        json.loads(line) for line in (tmp_path / "own" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in mine]

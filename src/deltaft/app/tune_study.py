@@ -30,6 +30,7 @@ __all__ = [
     "grid_order",
     "open_study",
     "require_optuna",
+    "shared_attention",
     "storage_of",
     "study_name",
     "tpe_sampler",
@@ -228,3 +229,42 @@ def open_study(
                 "{out} or {storage} for other settings, or the same ones to continue it."
             )
     return study
+
+
+# Settings used only after the attention is estimated: a space of these alone lets every trial of
+# a delta study reuse one estimate (the estimate depends on the data, model, layers, seed,
+# batch size and attention settings, never on these).
+_AFTER_ATTENTION = frozenset(
+    {"lr", "head_lr", "alpha", "beta", "weight_decay", "momentum", "optimizer", "schedule",
+     "step_at", "lr_gamma", "epochs", "iterations", "reduction", "source_bn"}
+)  # fmt: skip
+
+
+def shared_attention(
+    base: TrainConfig, method: str, space: Mapping[str, Param], out: Path
+) -> str | None:
+    """The attention file every trial of a ``delta`` study can reuse, estimated once.
+
+    ``OUT/attention/<method>.safetensors``, estimated with the trials' own settings
+    (:func:`deltaft.app.attention.run_attention`, the same result a trial's run would estimate)
+    when missing, written by rename so that concurrent processes never read half a file.
+    ``None`` (each trial estimates its own) for another base method, a ``base.attention``
+    given, or a space that tunes a setting the estimate depends on.
+    """
+    import os
+
+    from deltaft.app.attention import run_attention
+
+    if (
+        MethodSpec.parse(method).base != "delta"
+        or base.attention
+        or not set(space) <= _AFTER_ATTENTION
+    ):
+        return None
+    path = out / "attention" / f"{method}.safetensors"
+    if not path.is_file():
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.safetensors")
+        partial.unlink(missing_ok=True)
+        run_attention(trial_config(base, method, {}, out / "attention"), partial)
+        os.replace(partial, path)
+    return str(path)

@@ -8,12 +8,13 @@ RUNNING by a process that died is found, marked failed and retried.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from deltaft.app.tune_study import (
     grid_order,
     open_study,
     require_optuna,
+    shared_attention,
     storage_of,
     tpe_sampler,
     trial_config,
@@ -57,6 +59,14 @@ class TuneContext:
     options: TuneOptions
     spaces: dict[str, dict[str, Param]]
     progress: ProgressFn | None = None
+    attention: dict[str, str | None] = field(default_factory=dict)  # per method, once known
+
+    def attention_for(self, method: str) -> str | None:
+        """The attention file the trials of ``method`` share (see ``shared_attention``)."""
+        if method not in self.attention:
+            space = self.spaces[method]
+            self.attention[method] = shared_attention(self.base, method, space, self.out)
+        return self.attention[method]
 
     def work(self, worker: int, storage: Any = None) -> None:
         """Run each method's trials until its study has enough finished ones."""
@@ -330,6 +340,9 @@ def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> Tria
     with Heartbeat(study, trial):
         try:
             cfg = trial_config(context.base, method, params, out)
+            attention = context.attention_for(method)
+            if attention is not None:
+                cfg = dataclasses.replace(cfg, attention=attention)
             summary = run_training(cfg, progress=progress, test=False, on_epoch=on_epoch)
         except optuna.TrialPruned as pruned:
             return ended(states.PRUNED, str(pruned))
