@@ -393,7 +393,7 @@ def test_demo_tune_tunes_on_a_validation_part_of_the_pool_then_compares_on_test(
     from deltaft.app.tune_demo import prepare_tune_folder, run_demo_tune
 
     pool = tmp_path / "cache" / "mnist5k-x"
-    write_images(pool, "train", 9, 0)
+    write_images(pool, "train", 12, 0)
     write_images(pool, "test", 2, 1)
     monkeypatch.setattr("deltaft.app.demo.prepare_mnist5k", lambda cache_dir: pool)
     config = tmp_path / "tiny.yaml"
@@ -405,7 +405,7 @@ def test_demo_tune_tunes_on_a_validation_part_of_the_pool_then_compares_on_test(
     assert folder == pool.with_name("mnist5k-x-tune") and not (folder / "test").exists()
     fit = {p.relative_to(folder / "train") for p in (folder / "train").rglob("*.png")}
     val = {p.relative_to(folder / "val") for p in (folder / "val").rglob("*.png")}
-    assert (len(fit), len(val)) == (24, 12) and not fit & val  # 6 + 3 a class, disjoint
+    assert (len(fit), len(val)) == (40, 8) and not fit & val  # 10 + 2 a class, disjoint
     tuned_runs, compare_runs = fake.calls[:6], fake.calls[6:]
     assert {c.data for c in tuned_runs} == {str(folder)}  # tuned without any test image
     assert {c.data for c in compare_runs} == {str(pool)} and len(compare_runs) == 4

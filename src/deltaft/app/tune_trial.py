@@ -71,10 +71,9 @@ class TuneContext:
     def work(self, worker: int, storage: Any = None) -> None:
         """Run each method's trials until its study has enough finished ones."""
         storage = storage if storage is not None else storage_of(self.out, self.options.storage)
-        started = time.perf_counter()
         for index, method in enumerate(self.spaces):
             study = open_study(self.base, method, self.spaces[method], self.options, storage)
-            _Worker(self, method, study, worker, started, len(self.spaces) - index - 1).run()
+            _Worker(self, method, study, worker, len(self.spaces) - index - 1).run()
 
 
 def _state(trial: Any) -> str:
@@ -97,9 +96,9 @@ class _Worker:
     method: str
     study: Any
     worker: int
-    started: float
     methods_after: int
     fails_in_a_row: int = 0
+    seconds: list[float] = field(default_factory=list)  # of the trials this worker ran
 
     @property
     def target(self) -> int:
@@ -138,7 +137,7 @@ class _Worker:
             trial = self.study.ask()
             if self._surplus(trial):
                 return
-            self._run_trial(trial, finished)
+            self._run_trial(trial)
 
     def _next_grid_point(self, trials: list[Any]) -> dict[str, Any] | None:
         """The first grid point (in the seeded order) no live or finished trial has."""
@@ -170,7 +169,7 @@ class _Worker:
         self.study.tell(trial, state=states.FAIL)
         return True
 
-    def _run_trial(self, trial: Any, finished: int) -> None:
+    def _run_trial(self, trial: Any) -> None:
         outcome = run_trial(self.context, self.method, self.study, trial)
         if outcome.state == "FAIL" and not outcome.interrupted:
             self.fails_in_a_row += 1
@@ -181,7 +180,7 @@ class _Worker:
                 )
         else:
             self.fails_in_a_row = 0
-        self._log_progress(outcome, finished)
+        self._log_progress(outcome)
 
     def _any_finished(self) -> bool:
         states = require_optuna().trial.TrialState
@@ -190,13 +189,16 @@ class _Worker:
             for t in self.study.get_trials(deepcopy=False)
         )
 
-    def _log_progress(self, outcome: Any, finished_before: int) -> None:
-        done = finished_before + (outcome.state != "FAIL")
-        elapsed = time.perf_counter() - self.started
-        mean = outcome.seconds if done == 0 else elapsed / max(1, done)
-        left = (self.target - done) + self.methods_after * self.target
-        jobs = self.context.options.jobs
-        eta = mean * left / jobs
+    def _log_progress(self, outcome: Any) -> None:
+        """One line per trial: how it ended, the study's count and best, and an ETA from this
+        process's mean trial time (the trials left, over ``jobs`` processes)."""
+        states = require_optuna().trial.TrialState
+        trials = self.study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+        done = len(trials)
+        self.seconds.append(outcome.seconds)
+        mean = sum(self.seconds) / len(self.seconds)
+        left = max(0, self.target - done) + self.methods_after * self.target
+        eta = mean * left / self.context.options.jobs
         try:
             best = f"{100 * self.study.best_value:.2f} %"
         except ValueError:
@@ -317,12 +319,14 @@ def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> Tria
     out = context.out / "trials" / method / str(trial.number)
     trial.set_user_attr("out", str(out))
 
+    last_epoch = params.get("epochs", context.base.epochs)  # None with iterations: unknown
+
     def on_epoch(row: dict[str, Any]) -> None:
         accuracy = row.get("val/acc")
         if accuracy is None:
             return
         trial.report(float(accuracy), int(row["epoch"]))
-        if trial.should_prune():
+        if row["epoch"] != last_epoch and trial.should_prune():  # at the end: nothing to save
             raise optuna.TrialPruned(
                 f"pruned after epoch {row['epoch']} at val {100 * accuracy:.2f} %"
             )
@@ -365,8 +369,11 @@ def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> Tria
 # ------------------------------------------------------------------------------------------------
 # Jobs
 # ------------------------------------------------------------------------------------------------
-def _job_work(job: tuple[TuneContext, int]) -> int:
-    context, worker = job
+def _job_work(job: tuple[TuneContext, int, int]) -> int:
+    context, worker, level = job
+    # The job's package logger passes warnings only (compare's job set-up); the trial lines
+    # (progress, ETA) pass at the parent's level.
+    logger.setLevel(level)
     context.work(worker)
     return worker
 
@@ -393,7 +400,8 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
     pool = mp.Pool(jobs, initializer=_job_init, initargs=(threads, level, queue, os.getpid()))
     quiet = TuneContext(context.base, context.out, context.options, context.spaces, None)
     try:
-        for _ in pool.imap_unordered(_job_work, [(quiet, worker) for worker in range(jobs)]):
+        work = [(quiet, worker, level) for worker in range(jobs)]
+        for _ in pool.imap_unordered(_job_work, work):
             pass
         pool.close()
     except KeyboardInterrupt:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from deltaft.app.compare import parse_methods
@@ -102,6 +105,23 @@ def _config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | Non
     return base, space
 
 
+@contextlib.contextmanager
+def _quiet_runs(verbose: bool) -> Iterator[None]:
+    """Without -v, each trial's own info lines (model built, data, epochs) are left out: the
+    trial lines (result, best, ETA) say how the tuning goes."""
+    names = ("deltaft.app.loop", "deltaft.app.models", "deltaft.app.data", "deltaft.app.attention")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    if not verbose:
+        for log in loggers:
+            log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
     """Tune, print the table and where the files are."""
     from deltaft.app.tune import TuneOptions, run_tune
@@ -118,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
         keep_trials=args.keep_trials,
         space=parse_search_space(space, origin),
     )
-    result = run_tune(
-        base, args.methods, base.out, options, progress=getattr(args, "progress", None)
-    )
+    with _quiet_runs(getattr(args, "verbose", False)):
+        result = run_tune(
+            base, args.methods, base.out, options, progress=getattr(args, "progress", None)
+        )
     print(result.table_markdown())
     for path in result.files.values():
         print(f"wrote {path}")
