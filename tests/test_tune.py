@@ -179,6 +179,10 @@ def test_bad_options_methods_and_data_are_refused_before_any_work(
     write_images(flat, ".", 5, 0)
     with raises_rendered(SettingError, r"no validation split.*pass --val-split 0.2 or add a val/"):
         run_tune(_base(flat), ["l2"], out, TuneOptions())
+    with raises_rendered(SettingError, r"--storage 'tune.db' is not a database URL; e.g. sqlite"):
+        run_tune(_base(data), ["l2"], out, TuneOptions(storage="tune.db"))
+    with raises_rendered(SettingError, r"--storage sqlite:////no/such/dir/t.db cannot be opened"):
+        run_tune(_base(data), ["l2"], out, TuneOptions(storage="sqlite:////no/such/dir/t.db"))
     assert not out.exists() and fake.calls == []  # nothing written, nothing trained
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -190,10 +190,29 @@ def _pruner(options: TuneOptions) -> Any:
 
 
 def storage_of(out: Path, url: str | None) -> Any:
-    """The Optuna storage: ``url``, or the journal file ``out/study.log`` (file lock)."""
+    """The Optuna storage: ``url`` (a database URL, opened here), or the journal file
+    ``out/study.log`` (file lock: processes on one machine).
+
+    Raises:
+        SettingError: ``url`` is not a database URL, or the database cannot be opened (the
+            reason in one line).
+    """
     optuna = require_optuna()
     if url is not None:
-        return url
+        if "://" not in url:
+            raise SettingError(
+                f"{{storage}} {literal(repr(url))} is not a database URL; e.g. "
+                "sqlite:///tune.db or postgresql://user:password@host/db (without {storage}: "
+                "the journal file OUT/study.log)."
+            )
+        try:
+            return optuna.storages.get_storage(url)
+        except Exception as error:  # sqlalchemy's and drivers' errors have no common base
+            reason = " ".join(str(error).split("\n")[0].split())
+            raise SettingError(
+                f"{{storage}} {literal(url)} cannot be opened: {type(error).__name__}: "
+                f"{literal(reason)}"
+            ) from None
     from optuna.storages.journal import JournalFileBackend
 
     out.mkdir(parents=True, exist_ok=True)
