@@ -302,7 +302,9 @@ def test_a_trial_left_running_by_a_dead_process_is_marked_failed_and_retried(
     live = study.ask()  # a trial of a process that still runs (this one's parent): kept
     live.set_user_attr("host", socket.gethostname())
     live.set_user_attr("pid", os.getppid())
+    (out / "trials" / "l2" / "1").mkdir(parents=True)  # that process's run folder
     run_tune(base, ["l2"], out, options)
+    assert (out / "trials" / "l2" / "1").is_dir()  # not removed under the other's feet
     trials = _trials(out)
     assert (
         trials[0].state.name == "FAIL"

@@ -148,14 +148,22 @@ def summarize_study(study: Any, method: str, space: Mapping[str, Param]) -> Meth
 
 
 def _prune_folders(out: Path, rows: Sequence[MethodTuning], keep: str) -> None:
-    """Remove trial run folders as ``keep`` says (``best``: all but each method's best)."""
+    """Remove trial run folders as ``keep`` says (``best``: all but each method's best).
+
+    Only folders of ended trials: a trial another process is running keeps its folder.
+    """
     if keep == "all":
         return
     for row in rows:
+        ended = {
+            str(t["number"]) for t in row.trials if t["state"] in ("COMPLETE", "PRUNED", "FAIL")
+        }
         folder = out / "trials" / row.method
         if not folder.is_dir():
             continue
         for trial_dir in folder.iterdir():
+            if trial_dir.name not in ended:
+                continue
             if keep == "best" and trial_dir.name == str(row.best_trial):
                 continue
             shutil.rmtree(trial_dir, ignore_errors=True)

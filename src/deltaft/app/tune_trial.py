@@ -231,6 +231,8 @@ def fail_stale_trials(study: Any) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
         attrs = trial.user_attrs
         beat = attrs.get("heartbeat")
+        if beat is None and trial.datetime_start is not None:  # died before its first beat
+            beat = trial.datetime_start.timestamp()
         same_host = attrs.get("host") == host and isinstance(attrs.get("pid"), int)
         dead = same_host and attrs["pid"] != os.getpid() and not _pid_alive(attrs["pid"])
         silent = isinstance(beat, (int, float)) and now - beat > GRACE_S
