@@ -18,6 +18,8 @@ RUNNING by a process that died (same machine: its pid is gone; elsewhere: no hea
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,12 +40,14 @@ from deltaft.app.tune_study import (
     storage_of,
     trial_config,
 )
-from deltaft.app.tune_trial import TuneContext, work_in_processes
+from deltaft.app.tune_trial import TuneContext
 
 if TYPE_CHECKING:
     from deltaft.engine import ProgressFn
 
-__all__ = ["INSTALL", "TuneOptions", "TuneResult", "run_tune"]
+__all__ = ["INSTALL", "TuneOptions", "TuneResult", "run_tune", "work_in_processes"]
+
+logger = logging.getLogger(__name__)
 
 
 def run_tune(
@@ -102,3 +106,52 @@ def run_tune(
     else:
         work_in_processes(context, options.jobs)
     return write_results(base, methods, spaces, out, options, storage)
+
+
+# ------------------------------------------------------------------------------------------------
+# Jobs
+# ------------------------------------------------------------------------------------------------
+def _job_work(job: tuple[TuneContext, int, int]) -> int:
+    context, worker, level = job
+    # The job's package logger passes warnings only (compare's job set-up); the trial lines
+    # (progress, ETA) pass at the parent's level.
+    logging.getLogger("deltaft.app.tune_trial").setLevel(level)
+    context.work(worker)
+    return worker
+
+
+def work_in_processes(context: TuneContext, jobs: int) -> None:
+    """Run ``jobs`` workers at once, each in its own process (``spawn``) with
+    ``threads // jobs`` torch threads; they share the studies through the storage. Their log
+    records reach this process's ``deltaft`` loggers; Ctrl-C or this process's death ends them.
+    """
+    import logging.handlers
+    import multiprocessing
+
+    import torch
+
+    from deltaft.app.compare import _job_init, _ToLogger
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    level = logging.getLogger("deltaft").getEffectiveLevel()
+    logger.info("tune: %d processes, %d torch thread(s) each", jobs, threads)
+    mp = multiprocessing.get_context("spawn")
+    queue = mp.Queue()
+    listener = logging.handlers.QueueListener(queue, _ToLogger())
+    listener.start()
+    pool = mp.Pool(jobs, initializer=_job_init, initargs=(threads, level, queue, os.getpid()))
+    quiet = TuneContext(context.base, context.out, context.options, context.spaces, None)
+    try:
+        work = [(quiet, worker, level) for worker in range(jobs)]
+        for _ in pool.imap_unordered(_job_work, work):
+            pass
+        pool.close()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            "interrupted; finished trials are kept, and the same command continues the study "
+            "(the interrupted trials are marked failed and retried)."
+        ) from None
+    finally:
+        pool.terminate()
+        pool.join()
+        listener.stop()

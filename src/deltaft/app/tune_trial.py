@@ -1,4 +1,4 @@
-"""The trials of ``deltaft tune``: the per-process loop, one trial's run, stale trials, jobs.
+"""The trials of ``deltaft tune``: the per-process loop, one trial's run, stale trials.
 
 See :mod:`deltaft.app.tune`. A worker (this process, or one of ``--jobs`` processes, or another
 ``deltaft tune`` on the same storage) runs trials of one method's study until the study has
@@ -42,7 +42,6 @@ __all__ = [
     "TuneContext",
     "fail_stale_trials",
     "run_trial",
-    "work_in_processes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +91,14 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass
 class _Worker:
+    """Runs trials of one method's study in this process (worker number ``worker``).
+
+    Before each trial: stale trials are failed and retried, and the study's finished trials
+    (complete or pruned) are counted against :attr:`target`, those other processes are running
+    too. The sampler is reseeded from ``(seed, method, trials so far, worker)``: the same run
+    of one process samples the same settings, two processes do not.
+    """
+
     context: TuneContext
     method: str
     study: Any
@@ -102,6 +109,7 @@ class _Worker:
 
     @property
     def target(self) -> int:
+        """Finished trials wanted: ``trials``, at most the grid's size with ``grid``."""
         if self.context.options.sampler == "grid":
             grid = 1
             for param in self.context.spaces[self.method].values():
@@ -110,6 +118,7 @@ class _Worker:
         return self.context.options.trials
 
     def run(self) -> None:
+        """Ask, run and tell trials until the study has :attr:`target` finished ones."""
         optuna = require_optuna()
         states = optuna.trial.TrialState
         while True:
@@ -366,52 +375,3 @@ def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> Tria
     trial.set_user_attr("best_val_accuracy", summary["best_val_accuracy"])
     trial.set_user_attr("epochs", summary["epochs"])
     return ended(states.COMPLETE, f"val {100 * accuracy:.2f} %", float(accuracy))
-
-
-# ------------------------------------------------------------------------------------------------
-# Jobs
-# ------------------------------------------------------------------------------------------------
-def _job_work(job: tuple[TuneContext, int, int]) -> int:
-    context, worker, level = job
-    # The job's package logger passes warnings only (compare's job set-up); the trial lines
-    # (progress, ETA) pass at the parent's level.
-    logger.setLevel(level)
-    context.work(worker)
-    return worker
-
-
-def work_in_processes(context: TuneContext, jobs: int) -> None:
-    """Run ``jobs`` workers at once, each in its own process (``spawn``) with
-    ``threads // jobs`` torch threads; they share the studies through the storage. Their log
-    records reach this process's ``deltaft`` loggers; Ctrl-C or this process's death ends them.
-    """
-    import logging.handlers
-    import multiprocessing
-
-    import torch
-
-    from deltaft.app.compare import _job_init, _ToLogger
-
-    threads = max(1, torch.get_num_threads() // jobs)
-    level = logging.getLogger("deltaft").getEffectiveLevel()
-    logger.info("tune: %d processes, %d torch thread(s) each", jobs, threads)
-    mp = multiprocessing.get_context("spawn")
-    queue = mp.Queue()
-    listener = logging.handlers.QueueListener(queue, _ToLogger())
-    listener.start()
-    pool = mp.Pool(jobs, initializer=_job_init, initargs=(threads, level, queue, os.getpid()))
-    quiet = TuneContext(context.base, context.out, context.options, context.spaces, None)
-    try:
-        work = [(quiet, worker, level) for worker in range(jobs)]
-        for _ in pool.imap_unordered(_job_work, work):
-            pass
-        pool.close()
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            "interrupted; finished trials are kept, and the same command continues the study "
-            "(the interrupted trials are marked failed and retried)."
-        ) from None
-    finally:
-        pool.terminate()
-        pool.join()
-        listener.stop()
