@@ -22,7 +22,7 @@ from deltaft.app.errors import SettingError
 from deltaft.app.tune import TuneOptions, run_tune
 from deltaft.app.tune_report import load_tuned
 from deltaft.app.tune_space import DEFAULT_SPACES, method_space, parse_search_space
-from deltaft.app.tune_study import open_study, storage_of, study_name
+from deltaft.app.tune_study import GRACE_S, open_study, storage_of, study_name
 from deltaft.engine import NonFiniteLossError
 from tests.cli_support import MODEL, raises_rendered, run_main, write_images
 
@@ -285,9 +285,10 @@ def test_an_interrupted_trial_is_retried_by_the_next_run(
 def test_a_trial_left_running_by_a_dead_process_is_marked_failed_and_retried(
     fake: _FakeTraining, data: Path, tmp_path: Path
 ) -> None:
-    """As after a SIGKILL: a RUNNING trial whose process (on this machine) is gone."""
+    """As after a SIGKILL: a RUNNING trial whose process (on this machine) is gone, or whose
+    heartbeat (another machine) stopped longer ago than the grace period."""
     out = tmp_path / "tune"
-    base, options = _base(data), TuneOptions(trials=3, pruner="none")
+    base, options = _base(data), TuneOptions(trials=4, pruner="none")
     storage = storage_of(out, None)
     study = open_study(base, "l2", method_space("l2"), options, storage)
     script = "import os; print(os.getpid())"
@@ -303,6 +304,10 @@ def test_a_trial_left_running_by_a_dead_process_is_marked_failed_and_retried(
     live.set_user_attr("host", socket.gethostname())
     live.set_user_attr("pid", os.getppid())
     (out / "trials" / "l2" / "1").mkdir(parents=True)  # that process's run folder
+    silent = study.ask()  # another machine's, silent for longer than the grace period
+    silent.set_user_attr("host", "elsewhere")
+    silent.set_user_attr("pid", 1)
+    silent.set_user_attr("heartbeat", time.time() - GRACE_S - 60)
     run_tune(base, ["l2"], out, options)
     assert (out / "trials" / "l2" / "1").is_dir()  # not removed under the other's feet
     trials = _trials(out)
@@ -314,7 +319,8 @@ def test_a_trial_left_running_by_a_dead_process_is_marked_failed_and_retried(
     assert len(retry) == 1 and retry[0].params == trials[0].params
     assert retry[0].state.name == "COMPLETE"
     assert trials[1].state.name == "RUNNING"  # alive elsewhere: counted, not retried
-    assert _states(out) == {"COMPLETE": 2, "FAIL": 1, "RUNNING": 1}
+    assert trials[2].state.name == "FAIL" and "(1 on elsewhere)" in trials[2].user_attrs["error"]
+    assert _states(out) == {"COMPLETE": 3, "FAIL": 2, "RUNNING": 1}
 
 
 def test_grid_sampler_tries_each_point_once(
@@ -393,6 +399,7 @@ def test_compare_tuned_retrains_each_method_with_its_best_settings(
     assert code == 2 and "tune.json not found: --tuned takes the --out folder of a finished" in err
 
 
+@pytest.mark.slow
 def test_demo_tune_tunes_on_a_validation_part_of_the_pool_then_compares_on_test(
     fake: _FakeTraining, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
