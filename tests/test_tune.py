@@ -474,6 +474,8 @@ def test_pruning_stops_a_poor_trial_after_its_second_epoch(data: Path, tmp_path:
     assert list(trials[2].intermediate_values) == [1, 2]  # stopped after epoch 2 of 3
     rows = (out / "trials" / "l2" / "2" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and result.methods[0].pruned == 1
+    assert result.methods[0].epochs_saved == (1, 3 + 3 + 2)
+    assert "Pruning saved 1 epochs; 8 were trained." in (out / "tune.md").read_text()
 
 
 @pytest.mark.slow

@@ -61,6 +61,15 @@ class MethodTuning:
     space: list[str]
     trials: list[dict[str, Any]] = field(repr=False)
 
+    @property
+    def epochs_saved(self) -> tuple[int, int]:
+        """``(epochs pruning saved, epochs trained)``: a pruned trial saved the epochs a
+        complete trial of this study trained beyond its last reported one."""
+        full = max((len(t["epochs"]) for t in self.trials if t["state"] == "COMPLETE"), default=0)
+        pruned = [len(t["epochs"]) for t in self.trials if t["state"] == "PRUNED"]
+        trained = sum(len(t["epochs"]) for t in self.trials)
+        return sum(max(0, full - n) for n in pruned), trained
+
     def to_dict(self) -> dict[str, Any]:
         """Everything in ``tune.json`` for this method."""
         return {
@@ -73,6 +82,8 @@ class MethodTuning:
             "pruned": self.pruned,
             "failed": self.failed,
             "space": self.space,
+            "epochs_saved_by_pruning": self.epochs_saved[0],
+            "epochs_trained": self.epochs_saved[1],
             "trials": self.trials,
         }
 
@@ -98,7 +109,11 @@ class TuneResult:
                 f"| {row.method} | {value} | {settings} | {row.complete} | {row.pruned} | "
                 f"{row.failed} |"
             )
+        saved = [row.epochs_saved for row in self.methods]
         lines += [
+            "",
+            f"Pruning saved {sum(s for s, _ in saved)} epochs; {sum(t for _, t in saved)} were "
+            "trained.",
             "",
             "Validation accuracy of the last epoch; the test split was not read. Each method had "
             "its own search space:",
