@@ -9,6 +9,7 @@ that builds from the same settings builds the same thing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import random
@@ -278,10 +279,13 @@ class BuiltRun:
         return list(self.splits.classes)
 
 
-def build_run(cfg: TrainConfig, device: torch.device) -> BuiltRun:
+def build_run(cfg: TrainConfig, device: torch.device, *, test: bool = True) -> BuiltRun:
     """Seed from ``cfg.seed``; build the source, the data (verified) and the target copy with a
     new head for the data's classes. The order is fixed: the head's initial weights come from
     the RNG state the steps before it leave.
+
+    With ``test=False`` the test split is left out before any of its images is opened
+    (``splits.test`` is ``None``): tuning never reads it.
 
     Raises:
         SettingError, ValueError: a bad model, weights or data (the message says which).
@@ -290,6 +294,8 @@ def build_run(cfg: TrainConfig, device: torch.device) -> BuiltRun:
     source, info = build_model(cfg.model, weights=cfg.weights, head=cfg.head)
     image_size = cfg.image_size or info.input_size
     splits = build_data(cfg, info, image_size)
+    if not test:
+        splits = dataclasses.replace(splits, test=None)
     skipped = verify_data(splits)
     model = copy.deepcopy(source)
     head = replace_head(model, len(splits.classes), info.head)

@@ -205,6 +205,37 @@ def _check_reusable(summary: Mapping[str, Any], cfg: TrainConfig, run_dir: Path)
         )
 
 
+def _with_tuned(
+    plan: list[tuple[str, int, TrainConfig]], tuned: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, int, TrainConfig]]:
+    """Each run's config with its method's tuned settings; every method must have them."""
+    missing = sorted({method for method, _, _ in plan if method not in tuned})
+    if missing:
+        raise SettingError(
+            f"{{methods}} {literal(', '.join(missing))} were not tuned there (tuned: "
+            f"{literal(', '.join(tuned))}); compare the tuned methods, or tune these first."
+        )
+    return [(m, s, dataclasses.replace(cfg, **tuned[m])) for m, s, cfg in plan]
+
+
+def _tuned_note(
+    methods: Sequence[str], tuned: Mapping[str, Mapping[str, Any]], tuned_from: str | None
+) -> str:
+    """The line under a ``--tuned`` table: the settings came from validation."""
+    where = f" ({tuned_from})" if tuned_from else ""
+    settings = "; ".join(
+        f"{m}: "
+        + ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuned[m].items()
+        )
+        for m in methods
+    )
+    return (
+        f"Each method ran with its own settings, chosen on the validation split by deltaft "
+        f"tune{where}; the test split was read only here. {settings}."
+    )
+
+
 class _ToLogger(logging.Handler):
     """Hands a record from a job's process to the logger of its name in this process.
 
@@ -319,6 +350,8 @@ def run_compare(
     *,
     progress: ProgressFn | None = None,
     jobs: int = 1,
+    tuned: Mapping[str, Mapping[str, Any]] | None = None,
+    tuned_from: str | None = None,
 ) -> CompareResult:
     """Train every method with every seed on the same data and tabulate the accuracies.
 
@@ -354,6 +387,10 @@ def run_compare(
             Ctrl-C (SIGTERM and SIGHUP on the command line) stops every job, and so does
             this process's death (SIGKILL included): no job outlives it. The next call
             continues the unfinished runs.
+        tuned: each method's own settings (``deltaft tune``'s best on validation, see
+            :func:`deltaft.app.tune_report.load_tuned`), applied over ``base``; every method
+            must have an entry. The table says where they came from (``tuned_from``).
+        tuned_from: the tune folder, named under the table.
 
     Returns:
         A :class:`CompareResult`; ``result.table_markdown()`` is the table.
@@ -382,6 +419,8 @@ def run_compare(
         for method in methods
         for seed in seed_list
     ]
+    if tuned is not None:
+        plan = _with_tuned(plan, tuned)
     if jobs < 1:
         raise SettingError(f"{{jobs}} must be >= 1, got {jobs}.")
     out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +452,8 @@ def run_compare(
         _train_in_jobs(todo, jobs, done, len(plan))
     runs = {method: [done[(method, seed)] for seed in seed_list] for method in methods}
     rows = [CompareRow(method, tuple(method_runs)) for method, method_runs in runs.items()]
-    result = CompareResult(rows=rows, seeds=seed_list, out=out)
+    note = None if tuned is None else _tuned_note(methods, tuned, tuned_from)
+    result = CompareResult(rows=rows, seeds=seed_list, out=out, settings_note=note)
     files = {name: path for name, path in result.write().items() if path is not None}
     logger.info("compare: wrote %s", ", ".join(str(p) for p in files.values()))
     return dataclasses.replace(result, files=files)

@@ -38,9 +38,12 @@ from deltaft.engine import (
 )
 from deltaft.objective import TransferObjective
 
-__all__ = ["Loaders", "TrainingLoop"]
+__all__ = ["EpochFn", "Loaders", "TrainingLoop"]
 
 logger = logging.getLogger(__name__)
+
+#: Called with each epoch's metrics row after its checkpoint (see ``TrainingLoop.on_epoch``).
+EpochFn = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -80,6 +83,9 @@ class TrainingLoop:
     # -- recipes +lpft / +wise: the linear probe and WiSE-FT's theta_0 (None without them)
     probe: LinearProbe | None = None
     theta0: dict[str, Tensor] | None = None
+    # Called with each epoch's row after its checkpoint; what it raises ends the run (tuning's
+    # pruning).
+    on_epoch: EpochFn | None = None
 
     def _evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         reduce = self.dist.all_reduce_sum if self.dist.enabled else None
@@ -176,6 +182,8 @@ class TrainingLoop:
         loop.history.append(row)
         logger.info("%s", epoch_line(loop.epoch, self.epochs, row))
         self.checkpointer.save_epoch(loop, row)
+        if self.on_epoch is not None:
+            self.on_epoch(dict(row))
 
     def _best_test_accuracy(self, last: float | None) -> float | None:
         """Test accuracy of the ``best.pt`` weights (``last``'s when the last epoch is best)."""

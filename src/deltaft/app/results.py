@@ -154,6 +154,8 @@ class CompareResult:
     seeds: list[int]
     out: Path
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    # compare --tuned: where each method's settings came from, said under the table.
+    settings_note: str | None = None
 
     @property
     def runs(self) -> list[RunResult]:
@@ -199,6 +201,8 @@ class CompareResult:
             f"Accuracy on {where}, mean ± sample standard deviation (ddof=1) over seeds {seeds}; "
             "the std is 0 for a method with a single run. Seconds: wall-clock time of one run.",
         ]
+        if self.settings_note:
+            lines += ["", self.settings_note]
         return "\n".join(lines) + "\n"
 
     def _seed_table(self) -> str:

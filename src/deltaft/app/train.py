@@ -36,7 +36,7 @@ from deltaft.app.checks import outside_data
 from deltaft.app.config import TrainConfig
 from deltaft.app.distributed import DistInfo, ShardSampler
 from deltaft.app.errors import SettingError
-from deltaft.app.loop import Loaders, TrainingLoop
+from deltaft.app.loop import EpochFn, Loaders, TrainingLoop
 from deltaft.app.recipes import (
     LinearProbe,
     attention_head_reuse,
@@ -83,6 +83,8 @@ def run_training(
     progress: ProgressFn | None = None,
     dist: DistInfo | None = None,
     attention_progress: bool = False,
+    test: bool = True,
+    on_epoch: EpochFn | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and write the run directory.
 
@@ -117,6 +119,11 @@ def run_training(
         dist: the process group; default :func:`deltaft.app.distributed.current`.
         attention_progress: show a progress bar (tqdm, on stderr) while the channel attention
             is scored, which can take minutes on large models.
+        test: ``False`` leaves the test split out before any of its images is opened (no test
+            numbers in the summary: ``None``), as tuning on validation requires.
+        on_epoch: called with each epoch's metrics row (``epoch``, ``val/acc``, ... as in
+            ``metrics.jsonl``) after its checkpoint is saved; an exception it raises (e.g. a
+            pruning decision) ends the run there and propagates.
 
     Returns:
         The summary, as written to ``summary.json``: ``val_accuracy`` / ``test_accuracy``
@@ -142,7 +149,8 @@ def run_training(
     try:
         resume_state = open_run(run, cfg)
         dist.barrier()  # every process checked the directory before rank 0 writes to it
-        training = _build(cfg, run, dist, resume_state, started, attention_progress)
+        training = _build(cfg, run, dist, resume_state, started, attention_progress, test)
+        training.on_epoch = on_epoch
         training.fit(progress)
         return training.summarize()
     except TrainingInterrupted:
@@ -366,12 +374,13 @@ def _build(
     resume_state: Mapping[str, Any] | None,
     started: float,
     attention_progress: bool,
+    test: bool = True,
 ) -> TrainingLoop:
     """Everything the run needs, restored from ``resume_state`` when given; the order of the
     steps is fixed (the RNG states they leave decide the initial weights)."""
     device = resolve_device(cfg.device, dist)
     amp, channels_last = _device_tweaks(cfg, device)
-    built = build_run(cfg, device)
+    built = build_run(cfg, device, test=test)
     check_wise_validation(cfg, built)  # before anything trains
     fingerprint = model_fingerprint(built.source)
     if resume_state is not None and resume_state.get("model_fingerprint") != fingerprint:

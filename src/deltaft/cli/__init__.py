@@ -1,5 +1,5 @@
 """The ``deltaft`` command: ``train``, ``attention``, ``eval``, ``layers``, ``compare``, ``demo``,
-``split``.
+``split``, ``tune``.
 
 This package is the only place that parses arguments, configures logging, threads, devices and
 the process group, and prints to stdout; each subcommand is a module with ``add_parser`` and
@@ -33,7 +33,7 @@ import torch
 
 from deltaft import __version__
 from deltaft.app.signals import terminate_as_interrupt
-from deltaft.cli import attention, compare, demo, eval, layers, split, train
+from deltaft.cli import attention, compare, demo, eval, layers, split, train, tune
 from deltaft.cli.console import ProgressPrinter, configure_logging
 from deltaft.cli.options import (
     PROG,
@@ -55,7 +55,7 @@ __all__ = [
     "main",
 ]
 
-_SUBCOMMANDS = (train, attention, eval, layers, compare, demo, split)
+_SUBCOMMANDS = (train, attention, eval, layers, compare, demo, split, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from deltaft.app.compare import parse_methods, run_compare
+from deltaft.app.config import TrainConfig, load_config
 from deltaft.app.methods import spec_help
 from deltaft.cli.options import (
     add_seeds_and_jobs_arguments,
@@ -26,9 +27,9 @@ _PER_RUN_FLAGS = {
 class _Refuse(argparse.Action):
     """A flag of ``deltaft train`` that ``compare`` sets per run: an error that says what to use."""
 
-    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hint: str, command: str = "compare", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.hint = hint
+        self.hint, self.command = hint, command
 
     def __call__(
         self,
@@ -37,7 +38,7 @@ class _Refuse(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        raise argparse.ArgumentError(self, f"not an option of compare; {self.hint}.")
+        raise argparse.ArgumentError(self, f"not an option of {self.command}; {self.hint}.")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -60,10 +61,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         type=argparse_type(parse_methods),
-        default=["l2", "l2sp", "delta"],
+        default=None,
         help=(
             f"comma-separated method specs, each {spec_help()}, or 'scratch' (l2 from random "
             "weights) (default: l2,l2sp,delta)"
+        ),
+    )
+    parser.add_argument(
+        "--tuned",
+        metavar="DIR",
+        help=(
+            "a `deltaft tune` folder: each method runs with its best settings on validation "
+            "(the tuned methods unless --methods is given; the tune's settings unless a flag "
+            "or --config changes them), scored on test once"
         ),
     )
     add_seeds_and_jobs_arguments(parser, jobs=1, jobs_note="in this process")
@@ -79,16 +89,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _tuned_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, dict[str, Any]]]:
+    """``--tuned DIR``: the tune's base settings (lowest), ``--config``, then the flags given;
+    and each method's best settings."""
+    from deltaft.app.tune_report import load_tuned, tuned_base
+
+    tuned = load_tuned(args.tuned)
+    keys = set(TrainConfig.keys())
+    given = {key: value for key, value in vars(args).items() if key in keys}
+    file = load_config(args.config) if args.config else None
+    return TrainConfig.from_sources(tuned_base(args.tuned), file, given), tuned
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table and where the files are."""
-    base = config_from_args(args)  # --out may come from a --config file
+    tuned = None
+    if getattr(args, "tuned", None):
+        base, tuned = _tuned_config(args)
+        methods = args.methods or list(tuned)
+    else:
+        base = config_from_args(args)  # --out may come from a --config file
+        methods = args.methods or ["l2", "l2sp", "delta"]
     result = run_compare(
         base,
-        args.methods,
+        methods,
         args.seeds,
         base.out,
         progress=getattr(args, "progress", None),
         jobs=args.jobs,
+        tuned=tuned,
+        tuned_from=getattr(args, "tuned", None),
     )
     print(result.table_markdown())
     for path in result.files.values():

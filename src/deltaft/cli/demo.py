@@ -14,6 +14,7 @@ from deltaft.app.demo import (
     DEMO_METHODS,
     WEIGHTS_INSTALL,
 )
+from deltaft.app.tune_demo import DEMO_TRIALS
 from deltaft.cli.options import add_log_every_argument, add_seeds_and_jobs_arguments, argparse_type
 
 __all__ = ["add_parser", "run"]
@@ -51,9 +52,48 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"where MNIST-5k is written once (default: {DEFAULT_CACHE_DIR})",
     )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help=(
+            "first tune each method on a validation part of the pool (deltaft tune, --trials "
+            "finished trials a method), then compare them with their best settings on test; "
+            "OUT/tune and OUT/compare (estimated: up to an hour on 2 CPU cores; see the README)"
+        ),
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=DEMO_TRIALS,
+        metavar="N",
+        help=f"with --tune: finished trials per method (default: {DEMO_TRIALS})",
+    )
     add_log_every_argument(parser)
     parser.set_defaults(func=run)
     return parser
+
+
+def _run_tuned(args: argparse.Namespace, overrides: dict[str, Any] | None, start: float) -> int:
+    """``demo --tune``: tune, compare, print both tables and the time."""
+    from deltaft.app.tune_demo import run_demo_tune
+
+    tuning, comparison = run_demo_tune(
+        args.out,
+        config=args.config,
+        seeds=args.seeds,
+        methods=args.methods,
+        cache_dir=args.cache_dir,
+        overrides=overrides,
+        progress=getattr(args, "progress", None),
+        jobs=args.jobs,
+        trials=args.trials,
+    )
+    print(tuning.table_markdown())
+    print(comparison.table_markdown())
+    for path in [*tuning.files.values(), *comparison.files.values()]:
+        print(f"wrote {path}")
+    print(f"demo --tune finished in {time.perf_counter() - start:.0f} s")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     overrides = {"device": args.device} if args.device else None
+    if getattr(args, "tune", False):
+        return _run_tuned(args, overrides, start)
     result = run_demo(
         args.out,
         config=args.config,
