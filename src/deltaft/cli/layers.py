@@ -26,11 +26,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print the table of modules and the default layers."""
+    from deltaft.app.input_size import check_input_size
     from deltaft.app.models import build_model
     from deltaft.layers import default_layers, describe_layers
 
     model, info = build_model(args.model, weights=args.weights)
     size = args.image_size or info.input_size
+    check_input_size(model, size, name=args.model, native=info.input_size)
     defaults = set(default_layers(model, input_size=size))
     rows = [i for i in describe_layers(model, input_size=size) if args.all or i.shape is not None]
     width = max([len(i.name) for i in rows] + [4])
