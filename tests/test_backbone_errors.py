@@ -14,9 +14,11 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from deltaft.app.backbone_checks import check_input_size, declared_input_sizes, head_as_setting
 from deltaft.app.errors import SettingError
-from deltaft.app.input_size import check_input_size, declared_input_sizes
+from deltaft.heads import HeadError, find_head, head_parameter_names, replace_head
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    load_state,
     one_thread,
     restore_logging,
     run_main,
@@ -151,3 +153,82 @@ def test_cli_wrong_size_is_one_line_and_exit_2(
         capsys, "layers", "--model", "inception_v3", "--image-size", "64", "--quiet"
     )
     assert code == 2 and "pass --image-size 299." in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------------------------------
+# Conv-classifier heads (SqueezeNet: classifier = Dropout, 1x1 Conv2d, ReLU, AdaptiveAvgPool2d)
+
+
+def test_conv_head_is_found_and_rebuilt_with_the_target_classes() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_0()
+    assert find_head(model) == "classifier.1"  # no nn.Linear; the last layer is a 1x1 conv
+    assert replace_head(model, 3) == "classifier.1"
+    new = model.classifier[1]
+    assert isinstance(new, nn.Conv2d) and new.weight.shape == (3, 512, 1, 1)
+    assert new.bias is not None and new.weight.requires_grad
+    assert head_parameter_names(model, "classifier.1") == [
+        "classifier.1.weight",
+        "classifier.1.bias",
+    ]
+    assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+    # a named conv head of the right kind, in a model that also has an nn.Linear
+    mixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 1, bias=False), nn.Flatten())
+    mixed.append(nn.Linear(5, 2))
+    assert replace_head(mixed, 7, head="1") == "1"
+    assert mixed[1].weight.shape == (7, 4, 1, 1) and mixed[1].bias is None
+
+
+@pytest.mark.parametrize(
+    ("model", "head", "match"),
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), None, "No nn.Linear classifier"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3)), None, "not a 1x1 nn.Conv2d classifier"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3)), "0", "Head '0' is a Conv2d, expected nn.Linear"),
+        (nn.Sequential(nn.Conv2d(3, 4, 1, stride=2)), "0", "expected nn.Linear or a 1x1"),
+        (nn.Sequential(nn.Conv2d(4, 4, 1, groups=2)), "0", "one group"),
+        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), "1", "Head '1' is a ReLU"),
+    ],
+)
+def test_heads_that_cannot_be_rebuilt(model: nn.Module, head: str | None, match: str) -> None:
+    with pytest.raises(HeadError, match=match) as info:
+        replace_head(model, 2, head=head)
+    assert str(info.value).endswith("name the classifier module with head='NAME'.")
+    with pytest.raises(SettingError) as setting, head_as_setting():
+        replace_head(model, 2, head=head)
+    rendered = setting.value.render(lambda key: "--" + key)
+    assert rendered.endswith("; pass --head NAME to name the classifier module.")
+    assert "head='" not in rendered
+
+
+def test_cli_layers_and_delta_on_squeezenet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``layers`` needs no head and takes ``--head``; ``train --method delta`` replaces the
+    1x1 conv classifier (in the attention estimate and in the trained model)."""
+    code, out, err = run_main(capsys, "layers", "--model", "squeezenet1_0", "--image-size", "64")
+    assert code == 0, err
+    assert "* features.12 " in out and out.splitlines()[-2].endswith("--head): classifier.1")
+    code, out, _ = run_main(
+        capsys, "layers", "--model", "squeezenet1_0", "--image-size", "64", "--head", "classifier.1"
+    )
+    assert code == 0 and "features.5,features.10,features.12" in out
+    code, _, err = run_main(
+        capsys, "layers", "--model", "squeezenet1_0", "--image-size", "64", "--head", "features.0",
+        "--quiet",
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert "Head 'features.0' is a Conv2d" in err and "pass --head NAME" in err, err
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_images(data, "train", 2, 0)
+    write_images(data, "test", 1, 1)
+    code, _, err = run_main(
+        capsys, "train", "--data", str(data), "--model", "squeezenet1_0", "--weights", "none",
+        "--image-size", "64", "--method", "delta", "--layers", "features.3", "--iterations", "1",
+        "--batch-size", "4", "--attention-epochs", "1", "--attention-batches", "1",
+        "--workers", "0", "--out", str(run), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    state = load_state(run / "checkpoints" / "last.pt")
+    assert state["head"] == "classifier.1"
+    assert state["model"]["classifier.1.weight"].shape == (4, 512, 1, 1)  # 4 classes

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
+from deltaft.app.backbone_checks import check_input_size, head_as_setting
 from deltaft.app.config import TrainConfig
 from deltaft.app.data import DataSplits, SampleSeeds, SeededDataset, build_datasets
 from deltaft.app.distributed import DistInfo
 from deltaft.app.errors import SettingError
-from deltaft.app.input_size import check_input_size
 from deltaft.app.models import ModelInfo, build_model
 from deltaft.heads import replace_head
 from deltaft.layers import default_layers, validate_layers
@@ -232,16 +232,19 @@ def build_run(cfg: TrainConfig, device: torch.device) -> BuiltRun:
     the RNG state the steps before it leave.
 
     Raises:
-        SettingError, ValueError: a bad model, weights or data (the message says which), or an
-            ``image_size`` the model cannot take (:func:`~deltaft.app.input_size.check_input_size`).
+        SettingError, ValueError: a bad model, weights or data (the message says which), an
+            ``image_size`` the model cannot take, or a head that cannot be found or rebuilt
+            (:mod:`deltaft.app.backbone_checks`).
     """
     seed_everything(cfg.seed)
-    source, info = build_model(cfg.model, weights=cfg.weights, head=cfg.head)
+    with head_as_setting():  # a head that cannot be found or rebuilt names the head setting
+        source, info = build_model(cfg.model, weights=cfg.weights, head=cfg.head)
     image_size = cfg.image_size or info.input_size
     # The first dry forward: a size the model cannot take is one line naming the size it takes.
     check_input_size(source, image_size, name=cfg.model, native=info.input_size)
     splits = build_data(cfg, info, image_size)
     skipped = verify_data(splits)
     model = copy.deepcopy(source)
-    head = replace_head(model, len(splits.classes), info.head)
+    with head_as_setting():
+        head = replace_head(model, len(splits.classes), info.head)
     return BuiltRun(device, source, info, image_size, splits, skipped, model, head)

@@ -1,4 +1,5 @@
-"""Refuse an input size the model cannot take, before anything is trained.
+"""Refuse a backbone the run cannot use as given, before anything is trained: an input size the
+model cannot take, a classifier head that cannot be found or rebuilt.
 
 A vision transformer built for 224 px asserts on a 64 px image; Inception-V3 at 64 px or ConvNeXt
 at 16 px shrink their map below a kernel; a toy network whose ``nn.Linear`` expects a fixed
@@ -10,6 +11,7 @@ declares it or a forward confirms it, the size the model takes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -17,8 +19,9 @@ from torch import nn
 
 from deltaft._utils import dtype_device, eval_mode
 from deltaft.app.errors import SettingError, literal
+from deltaft.heads import HeadError
 
-__all__ = ["check_input_size", "declared_input_sizes"]
+__all__ = ["check_input_size", "declared_input_sizes", "head_as_setting"]
 
 _CAUSE_CHARS = 160  # the model's own message, cut to keep the error on one readable line
 
@@ -112,3 +115,26 @@ def check_input_size(model: nn.Module, image_size: int, *, name: str, native: in
         f"{literal(name)} cannot take {image_size}x{image_size} images ({literal(cause)}); pass "
         "{image_size} with the side the model was built for."
     )
+
+
+@contextlib.contextmanager
+def head_as_setting() -> Iterator[None]:
+    """Re-raise a :class:`~deltaft.heads.HeadError` (no head found, or one of a kind that cannot
+    be rebuilt) as a :class:`~deltaft.app.errors.SettingError` that names the ``head`` setting.
+
+    Example:
+        >>> from torch import nn
+        >>> from deltaft.heads import find_head
+        >>> try:
+        ...     with head_as_setting():
+        ...         find_head(nn.Sequential(nn.Conv2d(3, 3, 3)))
+        ... except SettingError as error:
+        ...     print(error.render(lambda key: "--" + key).split("; ")[1][:16])
+        pass --head NAME
+    """
+    try:
+        yield
+    except HeadError as error:
+        raise SettingError(
+            f"{literal(error.problem)}; pass {{head}} NAME to name the classifier module."
+        ) from error
