@@ -6,6 +6,7 @@ The toy factories here are importable as ``--model tests.test_backbone_errors:NA
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ import torchvision
 from torch import Tensor, nn
 
 from deltaft.app.backbone_checks import check_input_size, declared_input_sizes, head_as_setting
+from deltaft.app.build import build_run
+from deltaft.app.config import TrainConfig
 from deltaft.app.errors import SettingError
 from deltaft.heads import HeadError, find_head, head_parameter_names, replace_head
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    MODEL,
     load_state,
     one_thread,
     restore_logging,
@@ -232,3 +236,23 @@ def test_cli_layers_and_delta_on_squeezenet(
     state = load_state(run / "checkpoints" / "last.pt")
     assert state["head"] == "classifier.1"
     assert state["model"]["classifier.1.weight"].shape == (4, 512, 1, 1)  # 4 classes
+
+
+# ------------------------------------------------------------------------------------------
+# The "Built ..." line
+
+
+@pytest.mark.parametrize(("image_size", "shown"), [(None, 224), (40, 40)])
+def test_built_line_shows_the_size_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, image_size: int | None, shown: int
+) -> None:
+    write_images(tmp_path, "train", 1, 0)
+    cfg = TrainConfig(
+        data=str(tmp_path), model=MODEL, out="unused", image_size=image_size, workers=0
+    )
+    with caplog.at_level(logging.INFO, logger="deltaft"):
+        built = build_run(cfg, torch.device("cpu"))
+    assert built.image_size == shown
+    lines = [r.getMessage() for r in caplog.records if r.name == "deltaft.app.build"]
+    built_lines = [line for line in lines if line.startswith("Built ")]
+    assert built_lines == [f"Built {MODEL} (factory weights, head fc, input {shown})."], lines

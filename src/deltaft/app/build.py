@@ -242,6 +242,9 @@ def build_run(cfg: TrainConfig, device: torch.device) -> BuiltRun:
     image_size = cfg.image_size or info.input_size
     # The first dry forward: a size the model cannot take is one line naming the size it takes.
     check_input_size(source, image_size, name=cfg.model, native=info.input_size)
+    logger.info(  # the size used, after image_size (build_model logs the weights' size at DEBUG)
+        "Built %s (%s weights, head %s, input %d).", cfg.model, info.weights, info.head, image_size
+    )
     splits = build_data(cfg, info, image_size)
     skipped = verify_data(splits)
     model = copy.deepcopy(source)
