@@ -10,6 +10,7 @@ token), and that training and the test evaluation finish.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from torch import nn
 
 from deltaft.attention import ChannelAttention
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
+    CLASSES,
     load_state,
     one_thread,
     restore_logging,
@@ -49,14 +51,17 @@ def _train_delta(
     image_size: int,
     threads: int = 1,
 ) -> Path:
-    """Train ``model`` with delta on 2 classes x 2 images for 2 steps; returns the run folder."""
+    """Train ``model`` with delta on 2 classes x 2 images, 2 steps of 2 images (the attention
+    scored on one batch of 2); returns the run folder."""
     data, run = tmp_path / "data", tmp_path / "run"
-    write_images(data, "train", 2, 0)
-    write_images(data, "test", 1, 1)
+    for split, count in (("train", 2), ("test", 1)):
+        write_images(data, split, count, seed=count)
+        for extra in CLASSES[2:]:  # keep two classes
+            shutil.rmtree(data / split / extra)
     code, _, err = run_main(
         capsys, "train", "--data", str(data), "--model", model, "--weights", "none",
         "--image-size", str(image_size), "--method", "delta", "--per-class", "2",
-        "--iterations", "2", "--batch-size", "4", "--attention-epochs", "1",
+        "--iterations", "2", "--batch-size", "2", "--attention-epochs", "1",
         "--attention-batches", "1", "--workers", "0", "--out", str(run), "--quiet",
         "--threads", str(threads),
     )  # fmt: skip
@@ -73,6 +78,7 @@ def _check_run(run: Path, layers: list[str], channels: list[int]) -> None:
     assert (run / "summary.json").is_file()
 
 
+@pytest.mark.slow  # ~5 s of CPU, most of it the exact attention scores
 def test_delta_on_a_tiny_timm_vit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = _train_delta(tmp_path, capsys, "tests.test_backbones_e2e:tiny_vit", 32)
     _check_run(run, ["blocks.0", "blocks.1", "blocks.2", "blocks.3"], [24] * 4)
