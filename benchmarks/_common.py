@@ -19,10 +19,36 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def source_and_model(name: str, num_classes: int = 10) -> tuple[nn.Module, nn.Module]:
+def _timm(name: str, image: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, img_size=image)
+
+
+# Transformers, built for the benchmark's image size (timm: the position embedding sized to the
+# input; torchvision's Swin pads its windows, so any size >= 32 runs). Random weights, 1000 classes.
+TRANSFORMERS: dict[str, Callable[[int], nn.Module]] = {
+    "swin_t": lambda image: torchvision.models.swin_t(),
+    "vit_small": lambda image: _timm("vit_small_patch16_224", image),
+    "vit_tiny": lambda image: _timm("vit_tiny_patch16_224", image),
+}
+
+
+def build(name: str, image: int) -> nn.Module:
+    """A random-weight network of :data:`MODELS` or :data:`TRANSFORMERS` for ``image`` px."""
+    if name in TRANSFORMERS:
+        return TRANSFORMERS[name](image)
+    if name in MODELS:
+        return MODELS[name]()
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join([*MODELS, *TRANSFORMERS])}")
+
+
+def source_and_model(
+    name: str, num_classes: int = 10, image: int = 224
+) -> tuple[nn.Module, nn.Module]:
     """A random-weight source (ImageNet head) and its copy with a new head."""
     torch.manual_seed(0)
-    source = MODELS[name]().eval()
+    source = build(name, image).eval()
     model = copy.deepcopy(source)
     replace_head(model, num_classes)
     return source, model

@@ -15,33 +15,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 
 import torch
-import torchvision
-from torch import nn
 
-from benchmarks._common import MODELS, batch, synchronize
+from benchmarks._common import MODELS, batch, build, synchronize
 from deltaft import default_layers
 from deltaft.attention import attention_from_scores, channel_removal_scores
 
 
-def _vit_tiny(image: int) -> nn.Module:
-    import timm
-
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=image)
-
-
-# Transformers, built for the benchmark's image size (random weights, 1000 classes).
-TRANSFORMERS: dict[str, Callable[[int], nn.Module]] = {
-    "swin_t": lambda image: torchvision.models.swin_t(),
-    "vit_tiny": _vit_tiny,
-}
-
-
 def run(name: str, image: int, batch_size: int, n_batches: int, device: str) -> None:
     torch.manual_seed(0)
-    model = TRANSFORMERS[name](image) if name in TRANSFORMERS else MODELS[name]()
+    model = build(name, image)
     with torch.no_grad():  # settle BatchNorm statistics away from their initial values
         model.train()(batch(32, image)[0])
     model.eval().to(device)

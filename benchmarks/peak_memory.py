@@ -6,6 +6,9 @@ the growth over the process's footprint after `import torch` and model construct
 and both ratios to `l2`. Target (DESIGN.md section 3): delta / l2 <= 1.3.
 
     python benchmarks/peak_memory.py --batch 32 --image 112 --steps 3
+    python -m benchmarks.peak_memory --models vit_small --batch 8 --image 224 --steps 3
+
+``--models`` takes the names of ``benchmarks._common.MODELS`` and ``TRANSFORMERS``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def child(
     from deltaft import TransferObjective
 
     base = _rss_mib()
-    source, model = source_and_model(model_name)
+    source, model = source_and_model(model_name, image=image)
     x, y = (t.to(device) for t in batch(batch_size, image))
     kwargs = {"attention": "uniform"} if method == "delta" else {}
     objective = TransferObjective(copy.deepcopy(model), source, method, input_size=image, **kwargs)

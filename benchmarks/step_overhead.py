@@ -7,6 +7,11 @@ the last regularized layer. Target (DESIGN.md section 3): delta / l2 <= 1.25. `l
 the per-parameter L2-SP graph that the fused `l2sp_penalty` replaced, kept here for comparison.
 
     python benchmarks/step_overhead.py --batch 32 --image 112 --rounds 10
+    python -m benchmarks.step_overhead --models vit_small --batch 8 --image 224 --rounds 5
+
+``--models`` takes the CNNs of ``benchmarks._common.MODELS`` and the transformers of
+``TRANSFORMERS`` (``vit_small`` is timm's ViT-S/16 built for ``--image``); for a transformer the
+source-layout variants (BatchNorm folding, oneDNN packing, channels-last) do not apply.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from benchmarks._common import MODELS, batch, interleaved_median, source_and_model
+from benchmarks._common import MODELS, TRANSFORMERS, batch, interleaved_median, source_and_model
 from deltaft import FrozenSource, TransferObjective, default_layers
 from deltaft.regularizers import L2SPRegularizer
 
@@ -51,7 +56,7 @@ def _step_fn(objective: TransferObjective, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) -> None:
-    source, model = source_and_model(model_name)
+    source, model = source_and_model(model_name, image=image)
     x, y = (t.to(device) for t in batch(batch_size, image))
     # label -> (TransferObjective arguments, FrozenSource options or None for the defaults)
     delta: dict[str, object] = {"method": "delta", "attention": "uniform"}
@@ -69,6 +74,9 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
             {"truncate": False, "fold_bn": False, "channels_last": False},
         ),
     }
+    if model_name in TRANSFORMERS:  # no BatchNorm to fold, no convolution to pack or lay out
+        for label in ("delta (packed source, --source-mkldnn)", "delta (source in input layout)"):
+            del variants[label]
     layers = default_layers(model, input_size=image)
     fns = {}
     for label, (kwargs, source_options) in variants.items():
@@ -99,7 +107,7 @@ def run(model_name: str, batch_size: int, image: int, rounds: int, device: str) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image", type=int, default=112)
     parser.add_argument("--rounds", type=int, default=10)

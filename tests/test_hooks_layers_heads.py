@@ -143,7 +143,7 @@ def test_find_and_replace_head() -> None:
 
 def test_head_errors(tiny_net: nn.Module) -> None:
     with pytest.raises(ValueError, match="No nn.Linear classifier head"):
-        find_head(nn.Sequential(nn.Conv2d(3, 3, 1)))
+        find_head(nn.Sequential(nn.Conv2d(3, 3, 3)))  # a 1x1 conv would be a conv classifier
     with pytest.raises(ValueError, match="not found in TinyNet"):
         find_head(tiny_net, "head")
     with pytest.raises(ValueError, match="num_classes must be >= 1"):

@@ -165,6 +165,18 @@ class TransferObjective(nn.Module):
         self.head_names = head_parameter_names(model, self.head)
         if not self.head_names:
             raise ValueError(f"Head {self.head!r} has no parameters; name the new classifier.")
+        if not isinstance(get_submodule(model, self.head), nn.Linear):
+            # A 1x1 conv classifier (SqueezeNet) takes a (B, C, H, W) map and is followed by
+            # pooling: its input is not BSS's (B, D) features, its output not the logits.
+            uses = [name for name, on in (("bss", self.bss > 0), (method, method in
+                    ("cotuning", "lwf"))) if on]  # fmt: skip
+            if uses:
+                raise ValueError(
+                    f"{' and '.join(uses)} need an nn.Linear classifier head (its (B, D) input, "
+                    f"its logits); head {self.head!r} of this model is a "
+                    f"{type(get_submodule(model, self.head)).__name__}. Use another method, or "
+                    "name an nn.Linear head."
+                )
         self.layers: list[str] = []
         self.layouts: dict[str, Layout] = {}
         if method in ("fm", "delta"):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
+from deltaft.app.backbone_checks import check_input_size, head_as_setting
 from deltaft.app.config import LayoutSetting, TrainConfig
 from deltaft.app.data import DataSplits, SampleSeeds, SeededDataset, build_datasets
 from deltaft.app.distributed import DistInfo
@@ -288,15 +289,24 @@ def build_run(cfg: TrainConfig, device: torch.device, *, test: bool = True) -> B
     (``splits.test`` is ``None``): tuning never reads it.
 
     Raises:
-        SettingError, ValueError: a bad model, weights or data (the message says which).
+        SettingError, ValueError: a bad model, weights or data (the message says which), an
+            ``image_size`` the model cannot take, or a head that cannot be found or rebuilt
+            (:mod:`deltaft.app.backbone_checks`).
     """
     seed_everything(cfg.seed)
-    source, info = build_model(cfg.model, weights=cfg.weights, head=cfg.head)
+    with head_as_setting():  # a head that cannot be found or rebuilt names the head setting
+        source, info = build_model(cfg.model, weights=cfg.weights, head=cfg.head)
     image_size = cfg.image_size or info.input_size
+    # The first dry forward: a size the model cannot take is one line naming the size it takes.
+    check_input_size(source, image_size, name=cfg.model, native=info.input_size)
+    logger.info(  # the size used, after image_size (build_model logs the weights' size at DEBUG)
+        "Built %s (%s weights, head %s, input %d).", cfg.model, info.weights, info.head, image_size
+    )
     splits = build_data(cfg, info, image_size)
     if not test:
         splits = dataclasses.replace(splits, test=None)
     skipped = verify_data(splits)
     model = copy.deepcopy(source)
-    head = replace_head(model, len(splits.classes), info.head)
+    with head_as_setting():
+        head = replace_head(model, len(splits.classes), info.head)
     return BuiltRun(device, source, info, image_size, splits, skipped, model, head)

@@ -362,5 +362,5 @@ def build_model(
         head=find_head(model, head),
         weights=label,
     )
-    logger.info("Built %s (%s weights, head %s, input %d).", name, label, info.head, size)
+    logger.debug("Built %s (%s weights, head %s, input %d).", name, label, info.head, size)
     return model, info
