@@ -27,14 +27,19 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy
 
+# Tests run in PYTEST_JOBS pytest-xdist workers with one torch thread each (tests/conftest.py);
+# PYTEST_JOBS=0 runs them in this process. --durations names the slowest tests in every log.
+PYTEST_JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_JOBS) --durations=15
+
 test: lint
-	$(BIN)/python -m pytest -q -m "not heavy"
+	$(PYTEST) -m "not heavy"
 
 test-all: lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Ratios measured side by side; results and machines are recorded in benchmarks/README.md.
 # Questions 1-3 of benchmarks/README.md; each table is printed and kept in runs/bench/.
