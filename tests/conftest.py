@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n N``) each worker runs one torch thread: N workers with a thread
+    per core each would contend for the cores (OpenMP spinning), which made the suite slower.
+    Subprocesses the tests start inherit it through ``OMP_NUM_THREADS``."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
 
 
 class TinyNet(nn.Module):
