@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +18,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_deltaft_logger() -> Iterator[None]:
+    """``deltaft.cli.main`` attaches a console handler to the ``deltaft`` logger; a test that
+    calls it must not leave that handler to print into the next test's captured stderr."""
+    log = logging.getLogger("deltaft")
+    level, handlers, propagate = log.level, list(log.handlers), log.propagate
+    yield
+    log.setLevel(level)
+    log.handlers[:] = handlers
+    log.propagate = propagate
 
 
 class TinyNet(nn.Module):
