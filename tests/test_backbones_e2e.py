@@ -57,8 +57,8 @@ def _train_delta(
     data, run = tmp_path / "data", tmp_path / "run"
     for split, count in (("train", 2), ("test", 1)):
         write_images(data, split, count, seed=count)
-        for extra in CLASSES[2:]:  # keep two classes
-            shutil.rmtree(data / split / extra)
+        for dropped in CLASSES[2:]:  # keep two classes
+            shutil.rmtree(data / split / dropped)
     code, _, err = run_main(
         capsys, "train", "--data", str(data), "--model", model, "--weights", "none",
         "--image-size", str(image_size), "--method", "delta", "--per-class", "2",
