@@ -166,16 +166,7 @@ def test_held_out_split_is_stratified_seeded_and_refuses_single_images() -> None
         anchored.held_out_split(torch.tensor([0, 0, 1]), 2, seed=0)
 
 
-def test_settings_of_another_method_are_ignored_with_a_warning(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    cfg = TrainConfig(data="d", model="m", out="o", method="delta", lwf_temperature=2.0)
-    with caplog.at_level(logging.WARNING, logger="deltaft"):
-        anchored.warn_unused_settings(cfg)
-        anchored.warn_unused_settings(TrainConfig(data="d", model="m", out="o", method="lwf"))
-    assert [r.getMessage() for r in caplog.records] == [
-        "--lwf-temperature ignored: method delta does not use it."
-    ]
+def test_the_methods_settings_are_checked() -> None:  # their warning: test_methods.py
     with pytest.raises(SettingError, match="lwf_temperature"):
         TrainConfig(data="d", model="m", out="o", lwf_temperature=float("inf"))
     with pytest.raises(SettingError, match="spd_lambda"):

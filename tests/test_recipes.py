@@ -24,7 +24,6 @@ from deltaft.app.config import TrainConfig, load_config
 from deltaft.app.config_io import coerce
 from deltaft.app.errors import SettingError
 from deltaft.app.evaluate import evaluate_checkpoint
-from deltaft.app.methods import MethodSpec
 from deltaft.app.train import run_training
 from deltaft.engine import Progress, TrainingInterrupted
 from tests.cli_support import (  # noqa: F401 (autouse fixtures)
@@ -122,25 +121,6 @@ def test_bad_alpha_on_the_command_line_is_one_line(
     )  # fmt: skip
     assert code == 2
     assert err == "deltaft: error: --wise-alphas must be in [0, 1], got 2.0.\n"
-
-
-def test_settings_of_absent_recipes_are_ignored_with_one_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    cfg = TrainConfig(**_required(tmp_path), method="l2", bss_eta=0.1, lp_lr=0.1, bss_k=1)
-    assert recipes.unused_recipe_settings(cfg) == ["bss_eta", "lp_lr"]
-    with caplog.at_level(logging.WARNING, logger="deltaft"):
-        recipes.warn_unused_recipe_settings(cfg)
-    assert [r.getMessage() for r in caplog.records] == [
-        "--bss-eta, --lp-lr ignored: method l2 has no recipe that uses them."
-    ]
-    # +wise uses the probe's settings (its theta_0 head); +bss its own
-    wise = TrainConfig(**_required(tmp_path), method="l2+wise+bss", bss_eta=0.1, lp_lr=0.1)
-    assert recipes.unused_recipe_settings(wise) == []
-    assert recipes.default_recipe_settings(MethodSpec.parse("l2+wise")) == {
-        "bss_eta": 0.001,
-        "bss_k": 1,
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +258,7 @@ def test_wise_without_validation_is_refused_before_training(tmp_path: Path) -> N
     write_images(root, "train", 4, 0)
     write_images(root, "test", 1, 2)
     out = tmp_path / "run"
-    with pytest.raises(SettingError, match=r"has none; set val_split \(e.g. 0.2\) or add a val/"):
+    with pytest.raises(SettingError, match=r"no validation split; set val_split \(e.g. 0.2\)"):
         run_training(_cfg(root, out, "delta+lpft+wise"))
     assert not out.exists()
     with pytest.raises(SettingError, match=r"delta\+wise chooses its mixing weight"):

@@ -177,7 +177,7 @@ def test_bad_options_methods_and_data_are_refused_before_any_work(
         run_tune(_base(data), ["l2"], out, TuneOptions(space=empty))
     flat = tmp_path / "flat"  # DIR/<class>/*: train and test, no validation
     write_images(flat, ".", 5, 0)
-    with raises_rendered(SettingError, r"no validation split.*pass --val-split 0.2 or add a val/"):
+    with raises_rendered(SettingError, r"no validation split; set --val-split \(e.g. 0.2\)"):
         run_tune(_base(flat), ["l2"], out, TuneOptions())
     with raises_rendered(SettingError, r"--storage 'tune.db' is not a database URL; e.g. sqlite"):
         run_tune(_base(data), ["l2"], out, TuneOptions(storage="tune.db"))

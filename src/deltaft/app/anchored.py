@@ -10,13 +10,12 @@
   new head has no anchor.
 
 Each method's settings (``cotuning_*``, ``lwf_*``, ``spd_lambda``) are ignored by the other
-methods, with a warning when set away from their defaults.
+methods (:data:`~deltaft.app.methods.PART_SETTINGS`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any, cast
@@ -46,7 +45,6 @@ __all__ = [
     "save_relationship",
     "source_layers",
     "spd_optimizer",
-    "warn_unused_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,24 +53,6 @@ RELATIONSHIP_FILE = "relationship.pt"
 #: Share of each class's training images the ``reverse`` estimator holds out when the data has
 #: no validation split (at least one image of each class on each side).
 HELD_OUT_FRACTION = 0.2
-
-# The settings each of these base methods owns.
-_OWN_SETTINGS: dict[str, tuple[str, ...]] = {
-    "cotuning": ("cotuning_trade_off", "cotuning_relationship"),
-    "lwf": ("lwf_trade_off", "lwf_temperature"),
-    "spd": ("spd_lambda",),
-}
-
-
-def warn_unused_settings(cfg: TrainConfig) -> None:
-    """Warn about ``cotuning_*``, ``lwf_*`` and ``spd_lambda`` settings that ``cfg``'s base
-    method ignores and that are set away from their defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for method, names in _OWN_SETTINGS.items():
-        changed = [name for name in names if getattr(cfg, name) != defaults[name]]
-        if method != cfg.spec.base and changed:
-            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-            logger.warning("%s ignored: method %s does not use it.", flags, cfg.spec.base)
 
 
 def objective_method(cfg: TrainConfig) -> Method:

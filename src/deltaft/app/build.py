@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -26,7 +27,7 @@ from deltaft.app.backbone_checks import check_input_size, head_as_setting
 from deltaft.app.config import LayoutSetting, TrainConfig
 from deltaft.app.data import DataSplits, SampleSeeds, SeededDataset, build_datasets
 from deltaft.app.distributed import DistInfo
-from deltaft.app.errors import SettingError
+from deltaft.app.errors import SettingError, literal
 from deltaft.app.models import ModelInfo, build_model
 from deltaft.heads import replace_head
 from deltaft.layers import Layout, check_layers, default_layers, validate_layers
@@ -38,6 +39,7 @@ __all__ = [
     "build_run",
     "derived_seed",
     "make_loader",
+    "require_validation",
     "resolve_device",
     "seed_everything",
     "select_layers",
@@ -99,16 +101,19 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-def build_data(cfg: TrainConfig, info: ModelInfo, image_size: int) -> DataSplits:
-    """The splits of ``cfg.data`` with ``cfg``'s transforms, normalised with ``info``'s mean/std."""
+def build_data(
+    cfg: TrainConfig, info: ModelInfo | None = None, image_size: int | None = None
+) -> DataSplits:
+    """The splits of ``cfg.data`` with ``cfg``'s transforms, normalised with ``info``'s mean/std
+    (without ``info``, only to list the splits: ImageNet's, at ``cfg.image_size`` or 224)."""
+    norm = {} if info is None else {"mean": info.mean, "std": info.std}
     return build_datasets(
         cfg.data,
-        image_size=image_size,
+        image_size=image_size or cfg.image_size or 224,
         preset=cfg.preset,
         hflip=cfg.hflip,
         crop_scale=cfg.crop_scale,
-        mean=info.mean,
-        std=info.std,
+        **norm,
         per_class=cfg.per_class,
         fraction=cfg.fraction,
         val_split=cfg.val_split,
@@ -116,6 +121,30 @@ def build_data(cfg: TrainConfig, info: ModelInfo, image_size: int) -> DataSplits
         download=cfg.download,
         data_root=cfg.data_root,
     )
+
+
+def require_validation(cfg: TrainConfig, why: str, splits: DataSplits | None = None) -> None:
+    """Refuse data without a validation split, before any work, for a run that scores on it
+    (``why`` says what does, e.g. "tuning scores every trial on the validation split").
+
+    With ``splits`` (already built) they are checked; otherwise a held-out ``val_split`` or an
+    image folder's ``val/`` is enough, and a ``tv:`` dataset's splits are listed (no image
+    decoded).
+
+    Raises:
+        SettingError: there is no validation split; the message says how to add one.
+    """
+    if splits is None and cfg.val_split == 0 and cfg.data.startswith("tv:"):
+        splits = build_data(cfg)
+    if splits is not None:
+        missing = splits.val is None
+    else:
+        missing = cfg.val_split == 0 and not (Path(cfg.data) / "val").is_dir()
+    if missing:
+        raise SettingError(
+            f"{why} (never on test), but {{data}} {literal(cfg.data)} has no validation split; "
+            "set {val_split} (e.g. 0.2) or add a val/ folder."
+        )
 
 
 def verify_data(splits: DataSplits) -> list[str]:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from deltaft.app.checks import outside_data
 from deltaft.app.config_io import read_settings_file
 from deltaft.app.errors import SettingError, literal
-from deltaft.app.methods import BASE_METHODS, MethodSpec, spec_help
-from deltaft.app.recipes import check_wise_validation, default_recipe_settings
+from deltaft.app.methods import BASE_METHODS, MethodSpec, for_method, spec_help
+from deltaft.app.recipes import check_wise_validation
 from deltaft.app.results import CompareResult, CompareRow, RunResult
 from deltaft.app.tracking import RunDir
 
@@ -127,31 +127,18 @@ def parse_seeds(value: str | int | Sequence[int]) -> list[int]:
 def _run_config(base: TrainConfig, method: str, seed: int, run_dir: Path) -> TrainConfig:
     """``base`` with the method, seed and output folder of one run.
 
-    ``scratch`` is ``l2`` with ``weights="none"``. Options that only some methods use are dropped
-    from the others: ``layers`` (``fm`` and ``delta``) and ``attention`` (``delta``), and the
-    settings of recipes (``bss_eta``, ``lp_lr``...) return to their defaults for a spec without
-    that recipe.
+    ``scratch`` is ``l2`` with ``weights="none"``. The settings a method does not use return to
+    their defaults (:func:`~deltaft.app.methods.for_method`): ``layers`` for ``l2``, ``bss_eta``
+    without ``+bss``...
 
     Raises:
         SettingError: a ``+wise`` spec on data without validation.
     """
     trained = "l2" if method == SCRATCH else method
-    changes: dict[str, Any] = {
-        "method": trained,
-        "seed": seed,
-        "out": str(run_dir),
-        "resume": False,
-    }
+    changes: dict[str, Any] = {"seed": seed, "out": str(run_dir), "resume": False}
     if method == SCRATCH:
         changes["weights"] = "none"
-    spec = MethodSpec.parse(trained)
-    if not spec.feature_maps:
-        changes["layers"] = None
-    if spec.base != "delta":
-        changes["attention"] = None
-    # -- recipes: a run gets only the settings of its own recipes; +wise needs validation
-    changes.update(default_recipe_settings(spec))
-    cfg = dataclasses.replace(base, **changes)
+    cfg = for_method(base, trained, **changes)
     check_wise_validation(cfg)
     return cfg
 

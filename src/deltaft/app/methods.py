@@ -18,9 +18,27 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BASE_METHODS", "FEATURE_MAP_METHODS", "RECIPES", "MethodSpec", "spec_help"]
+if TYPE_CHECKING:
+    from deltaft.app.config import TrainConfig
+
+__all__ = [
+    "BASE_METHODS",
+    "FEATURE_MAP_METHODS",
+    "PART_SETTINGS",
+    "RECIPES",
+    "MethodSpec",
+    "for_method",
+    "ignored_settings",
+    "spec_help",
+    "warn_ignored_settings",
+]
+
+logger = logging.getLogger(__name__)
 
 #: Base methods and what each anchors. The first four regularize with a loss term
 #: (:class:`~deltaft.objective.TransferObjective`); the last three keep what the source knows in
@@ -47,6 +65,21 @@ RECIPES: dict[str, str] = {
 
 #: Base methods that regularize feature maps (they take ``layers``).
 FEATURE_MAP_METHODS: frozenset[str] = frozenset({"fm", "delta"})
+
+#: The settings only some parts of a spec use, by part (a base method or a recipe). A spec
+#: without any of a setting's parts ignores it: ``train`` warns when it is set away from its
+#: default, ``compare`` and ``tune`` reset it (:func:`for_method`). ``+wise`` also uses the
+#: linear probe's settings (its ``theta_0`` head).
+PART_SETTINGS: dict[str, tuple[str, ...]] = {
+    "fm": ("layers",),
+    "delta": ("layers", "attention"),
+    "cotuning": ("cotuning_trade_off", "cotuning_relationship"),
+    "lwf": ("lwf_trade_off", "lwf_temperature"),
+    "spd": ("spd_lambda",),
+    "bss": ("bss_eta", "bss_k"),
+    "lpft": ("lp_epochs", "lp_lr"),
+    "wise": ("wise_alphas", "wise_bn_batches", "lp_epochs", "lp_lr"),
+}
 
 
 def spec_help() -> str:
@@ -107,5 +140,50 @@ class MethodSpec:
         """Whether the base method regularizes feature maps (``fm``, ``delta``)."""
         return self.base in FEATURE_MAP_METHODS
 
+    @property
+    def settings(self) -> frozenset[str]:
+        """The settings of :data:`PART_SETTINGS` that this spec's parts use."""
+        parts = (self.base, *self.recipes)
+        return frozenset(name for part in parts for name in PART_SETTINGS.get(part, ()))
+
+    @property
+    def unused_settings(self) -> tuple[str, ...]:
+        """The settings of :data:`PART_SETTINGS` this spec ignores, in the table's order."""
+        names = dict.fromkeys(name for names in PART_SETTINGS.values() for name in names)
+        return tuple(name for name in names if name not in self.settings)
+
     def __str__(self) -> str:
         return "+".join((self.base, *self.recipes))
+
+
+def _defaults(cfg: TrainConfig) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    for field in dataclasses.fields(cfg):
+        factory = field.default_factory
+        defaults[field.name] = field.default if factory is dataclasses.MISSING else factory()
+    return defaults
+
+
+def ignored_settings(cfg: TrainConfig) -> list[str]:
+    """The settings ``cfg``'s spec ignores that are set away from their defaults."""
+    defaults = _defaults(cfg)
+    return [name for name in cfg.spec.unused_settings if getattr(cfg, name) != defaults[name]]
+
+
+def warn_ignored_settings(cfg: TrainConfig) -> None:
+    """One warning naming the flags of :func:`ignored_settings`, if any."""
+    ignored = ignored_settings(cfg)
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        pronoun = "it" if len(ignored) == 1 else "them"
+        logger.warning("%s ignored: method %s does not use %s.", flags, cfg.method, pronoun)
+
+
+def for_method(cfg: TrainConfig, method: str | MethodSpec, **changes: Any) -> TrainConfig:
+    """``cfg`` trained with ``method`` (and ``changes``): the settings the method ignores return
+    to their defaults, so that runs of several methods from one base config differ only in
+    what each method uses (``compare``, ``tune``)."""
+    spec = MethodSpec.parse(method)
+    defaults = _defaults(cfg)
+    reset = {name: defaults[name] for name in spec.unused_settings}
+    return dataclasses.replace(cfg, **{**reset, "method": str(spec), **changes})

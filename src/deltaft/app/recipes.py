@@ -21,39 +21,38 @@ The probe's head is stored in every checkpoint: a resumed run never probes again
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from deltaft._utils import get_submodule
-from deltaft.app.build import BuiltRun, derived_seed, make_loader, seed_everything
+from deltaft.app.build import (
+    BuiltRun,
+    derived_seed,
+    make_loader,
+    require_validation,
+    seed_everything,
+)
 from deltaft.app.config import TrainConfig
-from deltaft.app.errors import SettingError, literal
-from deltaft.app.methods import MethodSpec
+from deltaft.app.errors import SettingError
 from deltaft.attention import train_linear_probe
 from deltaft.interpolate import interpolate_weights, recompute_batchnorm
 
 __all__ = [
     "ATTENTION_HEAD_LR",
-    "RECIPE_SETTINGS",
     "LinearProbe",
     "WiseResult",
     "attention_head_reuse",
     "check_wise_validation",
-    "default_recipe_settings",
     "head_state",
     "prepare_probe",
     "pretrained_state",
     "run_wise",
-    "unused_recipe_settings",
-    "warn_unused_recipe_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,75 +60,14 @@ logger = logging.getLogger(__name__)
 #: The learning rate DELTA's attention head trains with (the reference's, not a setting).
 ATTENTION_HEAD_LR = 0.01
 
-#: The settings of each recipe; ``+wise`` also uses the linear probe's (its ``theta_0`` head).
-RECIPE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "bss": ("bss_eta", "bss_k"),
-    "lpft": ("lp_epochs", "lp_lr"),
-    "wise": ("wise_alphas", "wise_bn_batches"),
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# Settings
-# ------------------------------------------------------------------------------------------------
-def _default(name: str) -> Any:
-    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
-
-
-def unused_recipe_settings(cfg: TrainConfig) -> list[str]:
-    """The recipe settings ``cfg`` sets away from their defaults for recipes its spec lacks."""
-    defaults = default_recipe_settings(cfg.spec)
-    return [name for name, value in defaults.items() if getattr(cfg, name) != value]
-
-
-def warn_unused_recipe_settings(cfg: TrainConfig) -> None:
-    """One warning naming the recipe settings that ``cfg.method`` ignores (as ``--layers`` for
-    ``l2``)."""
-    unused = unused_recipe_settings(cfg)
-    if unused:
-        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        logger.warning(
-            "%s ignored: method %s has no recipe that uses %s.",
-            flags,
-            cfg.method,
-            "it" if len(unused) == 1 else "them",
-        )
-
-
-def default_recipe_settings(spec: MethodSpec) -> dict[str, Any]:
-    """The settings of the recipes ``spec`` does not use, at their defaults (``compare`` gives
-    each run only the settings its method uses)."""
-    used = {name for recipe in spec.recipes for name in RECIPE_SETTINGS[recipe]}
-    if spec.has("wise"):
-        used |= set(RECIPE_SETTINGS["lpft"])
-    names = [name for names in RECIPE_SETTINGS.values() for name in names if name not in used]
-    return {name: _default(name) for name in names}
-
-
-def _no_validation(cfg: TrainConfig) -> SettingError:
-    return SettingError(
-        f"{{method}} {cfg.method} chooses its mixing weight on the validation split, but "
-        f"{{data}} {literal(cfg.data)} has none; set {{val_split}} (e.g. 0.2) or add a val/ "
-        "folder."
-    )
-
 
 def check_wise_validation(cfg: TrainConfig, built: BuiltRun | None = None) -> None:
     """Refuse a ``+wise`` run without a validation split before anything trains: its mixing
-    weight is chosen on validation, never on test. Without ``built`` (before the data is read)
-    an image folder is checked for ``val/`` when ``val_split`` is 0; with it, the splits."""
-    if not cfg.spec.has("wise"):
-        return
-    if built is not None:
-        missing = built.splits.val is None
-    else:  # a torchvision dataset's splits are only known once it is built
-        folder = not cfg.data.startswith("tv:")
-        missing = folder and cfg.val_split == 0 and not (Path(cfg.data) / "val").is_dir()
-    if missing:
-        raise _no_validation(cfg)
+    weight is chosen on validation, never on test (:func:`~deltaft.app.build.require_validation`;
+    with ``built``, its splits)."""
+    if cfg.spec.has("wise"):
+        why = f"{{method}} {cfg.method} chooses its mixing weight on the validation split"
+        require_validation(cfg, why, built.splits if built is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from deltaft.app.config import TrainConfig
 from deltaft.app.distributed import DistInfo, ShardSampler
 from deltaft.app.errors import SettingError
 from deltaft.app.loop import EpochFn, Loaders, TrainingLoop
+from deltaft.app.methods import warn_ignored_settings
 from deltaft.app.recipes import (
     LinearProbe,
     attention_head_reuse,
@@ -44,7 +45,6 @@ from deltaft.app.recipes import (
     head_state,
     prepare_probe,
     pretrained_state,
-    warn_unused_recipe_settings,
 )
 from deltaft.app.report import BalanceWarning
 from deltaft.app.tracking import RunDir, file_sha256
@@ -141,7 +141,7 @@ def run_training(
     """
     started = time.perf_counter()
     _check_available(cfg)
-    warn_unused_recipe_settings(cfg)
+    warn_ignored_settings(cfg)
     check_wise_validation(cfg)  # an image folder without val/: before the run folder is made
     dist = dist or distributed.current()
     outside_data(cfg.out, cfg.data)  # before the claim creates the folder
@@ -193,8 +193,6 @@ def _layers(cfg: TrainConfig, built: BuiltRun) -> tuple[list[str] | None, dict[s
     """The regularized layers (``fm``/``delta``), validated, and their layouts, decided once;
     ``(None, {})`` for the other methods."""
     if not cfg.spec.feature_maps:
-        if cfg.layers:
-            logger.warning("--layers ignored: method %s regularizes no feature map.", cfg.method)
         return None, {}
     return select_layers_and_layouts(cfg.layers, built.model, built.image_size, cfg.layout)
 
@@ -412,9 +410,6 @@ def _build(
             layers, layouts = select_layers_and_layouts(
                 attention.layers, built.model, built.image_size, cfg.layout
             )
-    elif cfg.attention:
-        logger.warning("--attention ignored: method %s uses no attention.", cfg.method)
-    anchored.warn_unused_settings(cfg)
     # -- recipes +lpft and +wise: the linear probe, theta_0 (before training changes the model)
     probe = prepare_probe(
         cfg, built, resume_state, reused[0] if reused else None, dist.broadcast_object, dist.is_main

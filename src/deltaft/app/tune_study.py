@@ -5,16 +5,16 @@ See :mod:`deltaft.app.tune` for the whole; a study per method lives in an Optuna
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from deltaft.app.build import require_validation
 from deltaft.app.config import RUNTIME_KEYS, TrainConfig
 from deltaft.app.errors import SettingError, literal
-from deltaft.app.methods import MethodSpec
+from deltaft.app.methods import MethodSpec, for_method
 from deltaft.app.tune_space import Param
 
 if TYPE_CHECKING:
@@ -104,41 +104,16 @@ def study_name(method: str) -> str:
 
 
 def check_validation(cfg: TrainConfig) -> None:
-    """Refuse, before any work, data without a validation split: tuning scores on it.
-
-    The splits are resolved as training would (folders listed, no image decoded).
-    """
-    from deltaft.app.data import build_datasets
-
-    splits = build_datasets(
-        cfg.data,
-        image_size=cfg.image_size or 32,
-        preset=cfg.preset,
-        per_class=cfg.per_class,
-        fraction=cfg.fraction,
-        val_split=cfg.val_split,
-        seed=cfg.seed,
-        download=cfg.download,
-        data_root=cfg.data_root,
-    )
-    if splits.val is None:
-        raise SettingError(
-            f"{{data}} {literal(cfg.data)} has no validation split, and tuning scores every "
-            "trial on validation (never on test): pass {val_split} 0.2 or add a val/ folder."
-        )
+    """Refuse, before any work, data without a validation split: tuning scores on it."""
+    require_validation(cfg, "Tuning scores every trial on the validation split")
 
 
 def trial_config(
     base: TrainConfig, method: str, params: Mapping[str, Any], out: Path
 ) -> TrainConfig:
-    """``base`` with ``method``, the trial's settings and its run folder (validated)."""
-    spec = MethodSpec.parse(method)
-    changes: dict[str, Any] = {"method": str(spec), "out": str(out), "resume": False, **params}
-    if not spec.feature_maps:
-        changes["layers"] = None
-    if spec.base != "delta":
-        changes["attention"] = None
-    return dataclasses.replace(base, **changes)
+    """``base`` with ``method``, the trial's settings and its run folder (validated); the
+    settings ``method`` does not use at their defaults."""
+    return for_method(base, method, out=str(out), resume=False, **params)
 
 
 def _stored_settings(base: TrainConfig, space: Mapping[str, Param]) -> dict[str, Any]:
