@@ -39,8 +39,7 @@ __all__ = [
     "HELD_OUT_FRACTION",
     "RELATIONSHIP_FILE",
     "held_out_split",
-    "objective_method",
-    "objective_strength",
+    "objective_settings",
     "run_relationship",
     "save_relationship",
     "source_layers",
@@ -55,17 +54,18 @@ RELATIONSHIP_FILE = "relationship.pt"
 HELD_OUT_FRACTION = 0.2
 
 
-def objective_method(cfg: TrainConfig) -> Method:
-    """The :class:`~deltaft.objective.TransferObjective` method of ``cfg``'s base: ``spd`` is
-    ``l2`` (plain cross-entropy) with its weight decay left to the SPD optimizer."""
+def objective_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The :class:`~deltaft.objective.TransferObjective` arguments that depend on ``cfg``'s base
+    method: ``method``, ``alpha`` (the trade-off of ``cotuning`` / ``lwf``, else ``cfg.alpha``)
+    and ``weight_decay``. ``spd`` is ``l2`` (plain cross-entropy) with no weight decay in the
+    objective: its decay is the SPD optimizer's (:func:`spd_optimizer`)."""
     base = cfg.spec.base
-    return "l2" if base == "spd" else cast(Method, base)
-
-
-def objective_strength(cfg: TrainConfig) -> float:
-    """The objective's ``alpha``: the trade-off of ``cotuning`` / ``lwf``, else ``cfg.alpha``."""
     trade_offs = {"cotuning": cfg.cotuning_trade_off, "lwf": cfg.lwf_trade_off}
-    return trade_offs.get(cfg.spec.base, cfg.alpha)
+    return {
+        "method": "l2" if base == "spd" else cast(Method, base),
+        "alpha": trade_offs.get(base, cfg.alpha),
+        "weight_decay": 0.0 if base == "spd" else cfg.weight_decay,
+    }
 
 
 def source_layers(cfg: TrainConfig, built: BuiltRun, layers: list[str] | None) -> list[str]:

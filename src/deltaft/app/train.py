@@ -277,14 +277,11 @@ def _objective(
     return TransferObjective(
         built.model,
         source,
-        anchored.objective_method(cfg),  # checked by _check_available
         layers=layers,
         attention=attention,
-        alpha=anchored.objective_strength(cfg),
         beta=cfg.beta,
         head=built.head,
         reduction=cfg.reduction,
-        weight_decay=0.0 if cfg.spec.base == "spd" else cfg.weight_decay,
         input_size=built.image_size,
         relationship=relationship,
         lwf_temperature=cfg.lwf_temperature,
@@ -293,6 +290,7 @@ def _objective(
         # -- recipe +bss: Batch Spectral Shrinkage of the head's input
         bss=cfg.bss_eta if cfg.spec.has("bss") else 0.0,
         bss_k=cfg.bss_k,
+        **anchored.objective_settings(cfg),  # method: checked by _check_available
     )
 
 
