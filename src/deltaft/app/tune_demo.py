@@ -100,14 +100,14 @@ def run_demo_tune(
         ValueError: as :func:`deltaft.app.demo.run_demo`, or a bad tuning option.
     """
     from deltaft.app.compare import run_compare
-    from deltaft.app.demo import _check_weights, demo_config, prepare_mnist5k
+    from deltaft.app.demo import check_offline_weights, demo_config, prepare_mnist5k
     from deltaft.app.tune import TuneOptions, run_tune
     from deltaft.app.tune_report import load_tuned
 
     out = Path(out)
     options = TuneOptions(trials=trials, jobs=jobs)
     cfg = demo_config("unused", out, config=config, overrides=overrides)  # fail fast
-    _check_weights(cfg)
+    check_offline_weights(cfg)
     pool = prepare_mnist5k(cache_dir)
     tune_data = prepare_tune_folder(pool)
     tune_out = out / "tune"

@@ -283,11 +283,11 @@ def plot_tuning(rows: Sequence[MethodTuning], out: Path) -> dict[str, Path]:
     """``tune_history.png`` (validation accuracy by trial, best so far) and
     ``tune_sensitivity.png`` (validation accuracy against ``lr`` and ``alpha``); none without
     matplotlib."""
-    from deltaft.app.plots import _missing_matplotlib, _new_figure, _save
+    from deltaft.app.plots import new_figure, save_figure, warn_no_matplotlib
 
-    made = _new_figure(len(rows), "validation accuracy by trial")
+    made = new_figure(len(rows), "validation accuracy by trial")
     if made is None:
-        _missing_matplotlib("tune figures")
+        warn_no_matplotlib("tune figures")
         return {}
     fig, axes = made
     for ax, row in zip(axes, rows, strict=True):
@@ -307,9 +307,9 @@ def plot_tuning(rows: Sequence[MethodTuning], out: Path) -> dict[str, Path]:
             ax.plot(xs, [100 * y for y in ys], "x", color="grey", label="pruned (last epoch)")
         ax.set(title=row.method, xlabel="trial", ylabel="val accuracy (%)")
         ax.legend(fontsize="small")
-    files = {"history": _save(fig, out / "tune_history.png")}
+    files = {"history": save_figure(fig, out / "tune_history.png")}
     panels = [(row, name) for row in rows for name in ("lr", "alpha") if _tuned(row, name)]
-    made = _new_figure(len(panels), "sensitivity: validation accuracy against a setting")
+    made = new_figure(len(panels), "sensitivity: validation accuracy against a setting")
     if made is not None and panels:
         fig, axes = made
         for ax, (row, name) in zip(axes, panels, strict=True):
@@ -319,7 +319,7 @@ def plot_tuning(rows: Sequence[MethodTuning], out: Path) -> dict[str, Path]:
             if values and min(values) > 0 and max(values) / min(values) > 10:
                 ax.set_xscale("log")
             ax.set(title=row.method, xlabel=name, ylabel="val accuracy (%)")
-        files["sensitivity"] = _save(fig, out / "tune_sensitivity.png")
+        files["sensitivity"] = save_figure(fig, out / "tune_sensitivity.png")
     return files
 
 

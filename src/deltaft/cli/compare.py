@@ -15,7 +15,7 @@ from deltaft.cli.options import (
     config_from_args,
 )
 
-__all__ = ["add_parser", "run"]
+__all__ = ["RefuseFlag", "add_parser", "run"]
 
 _PER_RUN_FLAGS = {
     "--method": "compare sets the method of each run: use --methods l2,delta (a comma list)",
@@ -24,7 +24,7 @@ _PER_RUN_FLAGS = {
 }
 
 
-class _Refuse(argparse.Action):
+class RefuseFlag(argparse.Action):
     """A flag of ``deltaft train`` that ``compare`` sets per run: an error that says what to use."""
 
     def __init__(self, *args: Any, hint: str, command: str = "compare", **kwargs: Any) -> None:
@@ -84,7 +84,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             action.help = "comparison folder: one run folder per method and seed, compare.*"
     # Without these, argparse would read --method / --seed as abbreviations of --methods / --seeds.
     for flag, hint in _PER_RUN_FLAGS.items():
-        parser.add_argument(flag, nargs="?", action=_Refuse, help=argparse.SUPPRESS, hint=hint)
+        parser.add_argument(flag, nargs="?", action=RefuseFlag, help=argparse.SUPPRESS, hint=hint)
     parser.set_defaults(func=run)
     return parser
 

@@ -12,7 +12,7 @@ from deltaft.app.compare import parse_methods
 from deltaft.app.config import TrainConfig
 from deltaft.app.config_io import read_settings_file
 from deltaft.app.methods import spec_help
-from deltaft.cli.compare import _Refuse
+from deltaft.cli.compare import RefuseFlag
 from deltaft.cli.options import add_settings, add_train_arguments, argparse_type
 
 __all__ = ["SPACE_KEY", "add_parser", "run"]
@@ -83,7 +83,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             action.help = "tuning folder: study.log, trials/, best/, tune.*"
     for flag, hint in _REFUSED.items():
         parser.add_argument(
-            flag, nargs="?", action=_Refuse, help=argparse.SUPPRESS, hint=hint, command="tune"
+            flag, nargs="?", action=RefuseFlag, help=argparse.SUPPRESS, hint=hint, command="tune"
         )
     add_settings(parser, ["seed"])  # every trial's seed, and the sampler's
     parser.set_defaults(func=run)
