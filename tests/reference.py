@@ -5,6 +5,8 @@ Written for obviousness, not speed: plain Python loops over layers, samples, cha
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -423,7 +425,8 @@ def ref_removal_scores_last_axis(
 ) -> dict[str, Tensor]:
     """ref_removal_scores for layers whose channels are the LAST axis ((B, N, C), (B, H, W, C)).
 
-    Removing channel j zeroes out[..., j]: feature j at every token or position.
+    Removing channel j zeroes out[..., j]: feature j at every token or position. A module that
+    returns a tuple (Hugging Face blocks) has its map first: that element is zeroed.
     """
     model.eval()
     modules = dict(model.named_modules())
@@ -437,11 +440,12 @@ def ref_removal_scores_last_axis(
                 for j in range(_last_axis_size(modules[name], model, x)):
 
                     def zero_feature(
-                        module: torch.nn.Module, args: object, out: Tensor, j: int = j
-                    ) -> Tensor:
-                        out = out.clone()
-                        out[..., j] = 0
-                        return out
+                        module: torch.nn.Module, args: object, out: Any, j: int = j
+                    ) -> Any:
+                        rest = out[1:] if isinstance(out, tuple) else None
+                        zeroed = (out[0] if rest is not None else out).clone()
+                        zeroed[..., j] = 0
+                        return zeroed if rest is None else (zeroed, *rest)
 
                     handle = modules[name].register_forward_hook(zero_feature)
                     try:
@@ -456,7 +460,11 @@ def ref_removal_scores_last_axis(
 
 def _last_axis_size(module: torch.nn.Module, model: torch.nn.Module, x: Tensor) -> int:
     seen: list[int] = []
-    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.shape[-1]))
+
+    def size(m: torch.nn.Module, a: object, out: Any) -> None:
+        seen.append((out[0] if isinstance(out, tuple) else out).shape[-1])
+
+    handle = module.register_forward_hook(size)
     try:
         model(x)
     finally:

@@ -51,6 +51,15 @@ def _tiny_resnet(transformers: Any) -> nn.Module:
     return transformers.ResNetForImageClassification(config)
 
 
+def _tiny_swin(transformers: Any, version: str = "") -> nn.Module:
+    config = getattr(transformers, f"Swin{version}Config")(
+        image_size=32, patch_size=4, embed_dim=8, depths=[2, 1, 1], num_heads=[1, 1, 1],
+        window_size=2, num_labels=5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return getattr(transformers, f"Swin{version}ForImageClassification")(config)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     transformers = _transformers()
@@ -96,6 +105,35 @@ def test_default_layers_and_layouts_of_hf_models(folders: dict[str, Path]) -> No
     stages = ["resnet.encoder.stages.0", "resnet.encoder.stages.1"]
     assert default_layers(resnet, input_size=32) == stages
     assert detect_layouts(resnet, stages, input_size=32) == dict.fromkeys(stages, "BCHW")
+
+
+@pytest.mark.parametrize("version", ["", "v2"])
+def test_default_layers_of_hf_swin_are_its_stage_ends_before_patch_merging(version: str) -> None:
+    """As torchvision's Swin features.1 .3 .5 .7: each stage's last block, tokens (B, N, C)."""
+    swin = _tiny_swin(_transformers(), version)
+    prefix = f"swin{version}.encoder.layers"
+    ends = [f"{prefix}.0.blocks.1", f"{prefix}.1.blocks.0", f"{prefix}.2.blocks.0"]
+    assert default_layers(swin, input_size=32) == ends
+    assert detect_layouts(swin, ends, input_size=32) == dict.fromkeys(ends, "BNC")
+    with FeatureExtractor(swin.eval(), ends) as fx:
+        swin(torch.randn(1, 3, 32, 32))
+        feats = fx.pop()
+    assert [tuple(feats[n].shape) for n in ends] == [(1, 64, 8), (1, 16, 16), (1, 4, 32)]
+
+
+def test_exact_attention_equals_the_reference_on_an_hf_swin() -> None:
+    model = _tiny_swin(_transformers()).double().eval()
+    gen = torch.Generator().manual_seed(4)
+    batches = [
+        (torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64), torch.tensor([1, 4, 0]))
+        for _ in range(2)
+    ]
+    layers = default_layers(model, input_size=32)
+    got = channel_removal_scores(model, batches, layers, n_batches=2, chunk_size=8)
+    want = ref_removal_scores_last_axis(_Logits(model), batches, [f"m.{n}" for n in layers])
+    for name, channels in zip(layers, (8, 16, 32), strict=True):
+        assert got[name].shape == (channels,)
+        assert_close(got[name], want[f"m.{name}"], rtol=1e-9, atol=1e-12)
 
 
 def test_exact_attention_equals_the_reference_on_an_hf_vit() -> None:

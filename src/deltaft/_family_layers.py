@@ -48,6 +48,9 @@ def hf_layers(model: nn.Module) -> list[str] | None:
 
     * ViT-style: the residual stream after 4 evenly spaced blocks of ``<prefix>.encoder.layer``
       (transformers 4) or ``<prefix>.layers`` (transformers 5), whose blocks are ``...Layer``.
+    * Swin-style (``<prefix>.encoder.layers`` of stages with ``blocks``: Swin, Swin V2...): the
+      last block of each stage, before its patch merging, ``<prefix>.encoder.layers.N.blocks.M``
+      (as torchvision's ``features.1 .3 .5 .7``).
     * Conv models: the end of each stage, ``<prefix>.encoder.stages.N``.
     """
     prefix = getattr(model, "base_model_prefix", None)
@@ -59,7 +62,22 @@ def hf_layers(model: nn.Module) -> list[str] | None:
         blocky = isinstance(blocks, nn.ModuleList) and len(blocks)
         if blocky and type(cast(nn.ModuleList, blocks)[0]).__name__.endswith("Layer"):
             return _evenly_spaced(f"{path}.", len(cast(nn.ModuleList, blocks)))
+    stages = modules.get(f"{prefix}.encoder.layers")
+    if isinstance(stages, nn.ModuleList) and len(stages):
+        ends = [
+            _last_block(f"{prefix}.encoder.layers.{i}", stage) for i, stage in enumerate(stages)
+        ]
+        if all(ends):
+            return cast(list[str], ends)
     stages = modules.get(f"{prefix}.encoder.stages")
     if isinstance(stages, nn.ModuleList) and len(stages):
         return [f"{prefix}.encoder.stages.{i}" for i in range(len(stages))]
+    return None
+
+
+def _last_block(name: str, stage: nn.Module) -> str | None:
+    """``name.blocks.<last>`` when ``stage`` holds a ``blocks`` list, else ``None``."""
+    blocks = getattr(stage, "blocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks):
+        return f"{name}.blocks.{len(blocks) - 1}"
     return None

@@ -244,7 +244,8 @@ def default_layers(model: nn.Module, *, input_size: int = 224) -> list[str]:
       of each stage, ``features.1 .3 .5 .7`` (``(B, H, W, C)`` maps; timm Swin through its
       ``feature_info``).
     * Hugging Face models: ViT-style ``<prefix>.encoder.layer.N`` / ``<prefix>.layers.N`` at 4
-      depths (tokens), conv models' stage ends ``<prefix>.encoder.stages.N``.
+      depths (tokens), Swin's last block of each stage ``<prefix>.encoder.layers.N.blocks.M``
+      (tokens, before the patch merging), conv models' stage ends ``<prefix>.encoder.stages.N``.
     * timm models with ``feature_info``: its modules at stride >= 4.
     * Any other CNN: the last block of each resolution stage at stride >= 4, from a dry forward
       pass of a ``input_size`` square image (MobileNetV2: ``features.3 .6 .13 .17``).
