@@ -457,3 +457,67 @@ def test_the_attention_command_weights_the_channels_of_a_channels_last_model(
     assert code == 2 and "declared BCHW, but axis 1" in err and "--layout" in err
     assert err.strip().splitlines()[-1].startswith("deltaft: error: Layer 'stage1' is declared")
     assert "Traceback" not in err and err.count("error") == 1, err
+
+
+def test_layouts_declared_by_layer_leave_the_others_detected() -> None:
+    from deltaft.layers import check_layers
+
+    model = ChannelsLastToy()
+    layers = ["stem", "stage1", "stage2"]
+    assert check_layers(model, layers, input_size=16, layouts={"stage2": "BHWC"}) == {
+        "stem": "BCHW",  # detected
+        "stage1": "BHWC",  # detected
+        "stage2": "BHWC",  # declared
+    }
+    with pytest.raises(ValueError, match=r"'stem' is declared BHWC, but axis 3"):
+        check_layers(model, layers, input_size=16, layouts={"stem": "BHWC"})
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("auto", None),
+        (" BNC ", "BNC"),
+        ("stage2=BHWC", {"stage2": "BHWC"}),
+        ("blocks.3 = BNC, stem=BCHW", {"blocks.3": "BNC", "stem": "BCHW"}),
+    ],
+)
+def test_the_layout_setting_reads_one_layout_or_pairs(text: str, want: object) -> None:
+    from deltaft.app.checks import layout_setting
+
+    assert layout_setting(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "bnc", "stem=XYZ", "=BNC", "stem=", "a=BNC,a=BCHW", "a=BNC,"])
+def test_a_bad_layout_setting_shows_the_accepted_forms(text: str) -> None:
+    from deltaft.app.config import TrainConfig
+    from deltaft.app.errors import SettingError
+
+    with pytest.raises(SettingError, match=r"layout must be auto, one of BCHW, BHWC, BNC for"):
+        TrainConfig(data="d", model="m", out="o", layout=text)
+
+
+def test_the_attention_command_takes_layouts_by_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_images(tmp_path / "data", "train", 4, seed=0)
+    common = [
+        "--data", str(tmp_path / "data"), "--model", "tests.test_layouts:channels_last_toy",
+        "--weights", "none", "--image-size", "24", "--batch-size", "8", "--workers", "0",
+        "--device", "cpu", "--attention-epochs", "1", "--attention-batches", "1",
+        "--layers", "stem,stage2",
+    ]  # fmt: skip
+    code, out, err = run_main(
+        capsys, "attention", *common, "--layout", "stage2=BHWC", "--out", str(tmp_path / "a")
+    )
+    assert code == 0, err
+    assert "stem: 5 channels" in out and "stage2: 7 channels" in out
+    for layout, message in [
+        ("stage2=BCHW", "Layer 'stage2' is declared BCHW, but axis 1"),
+        ("stage1=BHWC", "--layout names stage1, not among the regularized layers stem, stage2"),
+    ]:
+        code, _, err = run_main(
+            capsys, "attention", *common, "--layout", layout, "--out", str(tmp_path / "b")
+        )
+        assert code == 2 and err.count("error") == 1, err
+        assert err.strip().splitlines()[-1].startswith(f"deltaft: error: {message}"), err

@@ -77,10 +77,10 @@ def detect_layouts(
     whose last axis is the model's width (``embed_dim``, ``hidden_dim``, ``num_features`` or
     ``config.hidden_size``). Modes are restored afterwards.
 
-    ``layouts`` declares the layouts instead (one for every layer, or a mapping by layer name
-    that covers ``layers``): a declaration is checked against the same two passes, its rank and
-    that its channel axis keeps its size (:func:`~deltaft.layouts.check_declared`), and wins
-    where the shapes cannot decide.
+    ``layouts`` declares the layouts instead (one for every layer, or a mapping by layer name;
+    the layers a mapping leaves out are detected): a declaration is checked against the same
+    two passes, its rank and that its channel axis keeps its size
+    (:func:`~deltaft.layouts.check_declared`), and wins where the shapes cannot decide.
 
     Raises:
         ValueError: a name is not a module, a layer does not run, or its layout cannot be
@@ -121,7 +121,7 @@ def detect_layouts(
             )
         at_double = second[name][0] if second is not None and second.get(name) else None
         other = at_double if isinstance(at_double, tuple) else None
-        if layouts is not None:
+        if isinstance(layouts, str) or (layouts is not None and name in layouts):
             declared = layout_of(name, shape, layouts)  # checks the rank
             check_declared(name, declared, shape, other)
             found[name] = declared

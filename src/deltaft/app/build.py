@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from deltaft.app.backbone_checks import check_input_size, head_as_setting
-from deltaft.app.config import LayoutSetting, TrainConfig
+from deltaft.app.checks import layout_setting
+from deltaft.app.config import TrainConfig
 from deltaft.app.data import DataSplits, SampleSeeds, SeededDataset, build_datasets
 from deltaft.app.distributed import DistInfo
 from deltaft.app.errors import SettingError, literal
@@ -233,13 +234,15 @@ def select_layers_and_layouts(
     names: Sequence[str] | None,
     model: nn.Module,
     image_size: int,
-    layout: LayoutSetting = "auto",
+    layout: str = "auto",
 ) -> tuple[list[str], dict[str, Layout]]:
     """:func:`select_layers` and the layers' layouts, decided once for the whole run.
 
-    ``layout`` is the ``layout`` setting: ``auto`` detects each layer's layout from dry forwards
-    at two input sizes; ``BCHW``, ``BHWC`` or ``BNC`` declares it for every layer, checked
-    against the same forwards (:func:`~deltaft.layers.check_layers`). The objective and the
+    ``layout`` is the ``layout`` setting (:func:`~deltaft.app.checks.layout_setting`): ``auto``
+    detects each layer's layout from dry forwards at two input sizes; ``BCHW``, ``BHWC`` or
+    ``BNC`` declares it for every layer, ``LAYER=LAYOUT`` pairs for the layers they name (each a
+    regularized layer); declarations are checked against the same forwards
+    (:func:`~deltaft.layers.check_layers`). The objective and the
     attention estimation both take the result, so they read the maps on the same axis.
 
     Raises:
@@ -248,8 +251,16 @@ def select_layers_and_layouts(
             that the maps contradict.
     """
     layers = list(names or default_layers(model, input_size=image_size))
-    declared = None if layout == "auto" else cast(Layout, layout)
-    return layers, check_layers(model, layers, input_size=image_size, layouts=declared)
+    declared = layout_setting(layout)
+    if isinstance(declared, dict):
+        unknown = [name for name in declared if name not in layers]
+        if unknown:
+            raise SettingError(
+                f"{{layout}} names {', '.join(unknown)}, not among the regularized layers "
+                f"{', '.join(layers)}; name those layers (or set them with {{layers}})."
+            )
+    layouts = cast("Mapping[str, Layout] | Layout | None", declared)  # names checked above
+    return layers, check_layers(model, layers, input_size=image_size, layouts=layouts)
 
 
 def select_prefix_tokens(exclude: bool, model: nn.Module, layouts: Mapping[str, Layout]) -> int:

@@ -19,8 +19,17 @@ import os
 from pathlib import Path
 
 from deltaft.app.errors import SettingError, literal
+from deltaft.layouts import LAYOUTS
 
-__all__ = ["above", "at_least", "exclusive", "in_range", "integer", "outside_data"]
+__all__ = [
+    "above",
+    "at_least",
+    "exclusive",
+    "in_range",
+    "integer",
+    "layout_setting",
+    "outside_data",
+]
 
 
 def at_least(name: str, value: float, low: float) -> None:
@@ -83,3 +92,26 @@ def outside_data(out: str | os.PathLike[str], data: str, *, name: str = "out") -
             f"{{{name}}} {literal(out)} is inside {{data}} {literal(data)}: the run's files "
             f"would be read as training images; choose an {{{name}}} outside {{data}}."
         )
+
+
+def layout_setting(text: str) -> str | dict[str, str] | None:
+    """The ``layout`` setting read: ``None`` for ``auto``, one layout for every regularized layer
+    (``BNC``), or layouts by layer (``blocks.3=BNC,stem=BCHW``; the layers left out are detected).
+
+    Raises:
+        SettingError: anything else; the message shows the accepted forms.
+    """
+    text = text.strip()
+    if text == "auto" or text in LAYOUTS:
+        return None if text == "auto" else text
+    declared: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, layout = (piece.strip() for piece in part.partition("="))
+        if not (name and sep and layout in LAYOUTS) or name in declared:
+            raise SettingError(
+                f"{{layout}} must be auto, one of {', '.join(LAYOUTS)} for every regularized "
+                "layer, or distinct LAYER=LAYOUT pairs such as blocks.3=BNC,stem=BCHW (the layers "
+                f"left out are detected); got {literal(repr(text))}."
+            )
+        declared[name] = layout
+    return declared

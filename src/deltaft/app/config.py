@@ -23,7 +23,7 @@ from typing import Any, Literal, get_type_hints
 import torch
 import yaml
 
-from deltaft.app.checks import above, at_least, exclusive, in_range
+from deltaft.app.checks import above, at_least, exclusive, in_range, layout_setting
 from deltaft.app.config_io import coerce, normalise_keys, read_settings_file
 from deltaft.app.data import (
     Preset,
@@ -54,7 +54,6 @@ Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "exponential", "cosine"]
 SourceBN = Literal["running", "batch"]
 Relationship = Literal["reverse", "direct"]
-LayoutSetting = Literal["auto", "BCHW", "BHWC", "BNC"]
 
 DEFAULT_EPOCHS = 10
 #: WiSE-FT's mixing weights by default: the ends and three points between them.
@@ -151,9 +150,11 @@ class TrainConfig:
         lwf_trade_off: weight of LwF's distillation penalty (which has the ``T^2`` factor).
         lwf_temperature: LwF's distillation temperature ``T``.
         spd_lambda: strength of SPD's selective projection (the optimizer's ``weight_decay``).
-        layout: the layout of every regularized layer's map: ``auto`` (detected by
-            :func:`~deltaft.layers.check_layers`), ``BCHW``, ``BHWC`` or ``BNC`` (checked against
-            the same dry forwards); decided once per run for the objective and the attention.
+        layout: the layout of the regularized layers' maps: ``auto`` (detected by
+            :func:`~deltaft.layers.check_layers`), ``BCHW``, ``BHWC`` or ``BNC`` for all of them,
+            or ``LAYER=LAYOUT`` pairs (``blocks.3=BNC,stem=BCHW``, the others detected); declared
+            layouts are checked against the same dry forwards; decided once per run for the
+            objective and the attention (:func:`~deltaft.app.checks.layout_setting`).
         exclude_prefix_tokens: leave the first tokens of ``(B, N, C)`` maps (class,
             distillation, register tokens) out of the penalty and the attention scores; their
             count is the model's declaration (:func:`deltaft.app.models.prefix_token_count`).
@@ -347,11 +348,13 @@ class TrainConfig:
     )
 
     # -- feature-map layouts and prefix tokens (issue #11) ----------------------------------------
-    layout: LayoutSetting = field(
+    layout: str = field(
         default="auto",
         metadata=_meta(
-            "layout of every regularized layer's map: auto (found by dry forwards at two input "
-            "sizes), BCHW, BHWC (channels last) or BNC (tokens)"
+            "layout of the regularized layers' maps: auto (found by dry forwards at two input "
+            "sizes), BCHW, BHWC (channels last) or BNC (tokens) for all of them, or by layer: "
+            "blocks.3=BNC,stem=BCHW (the others found)",
+            metavar="LAYOUT",
         ),
     )
     exclude_prefix_tokens: bool = field(
@@ -441,6 +444,7 @@ class TrainConfig:
                 f"{{layers}} must name distinct modules, got {literal(self.layers)}; e.g. "
                 "{layers} layer1.2.conv3,layer2.3.conv3 (see `deltaft layers --model NAME`)."
             )
+        layout_setting(self.layout)
         at_least("attention_epochs", self.attention_epochs, 0)
         at_least("attention_batches", self.attention_batches, 1)
         above("temperature", self.temperature, 0.0)

@@ -71,8 +71,8 @@ FEATURE_MAP_METHODS: frozenset[str] = frozenset({"fm", "delta"})
 #: default, ``compare`` and ``tune`` reset it (:func:`for_method`). ``+wise`` also uses the
 #: linear probe's settings (its ``theta_0`` head).
 PART_SETTINGS: dict[str, tuple[str, ...]] = {
-    "fm": ("layers",),
-    "delta": ("layers", "attention"),
+    "fm": ("layers", "layout", "exclude_prefix_tokens"),
+    "delta": ("layers", "layout", "exclude_prefix_tokens", "attention"),
     "cotuning": ("cotuning_trade_off", "cotuning_relationship"),
     "lwf": ("lwf_trade_off", "lwf_temperature"),
     "spd": ("spd_lambda",),
