@@ -121,24 +121,12 @@ def test_default_layers_of_hf_swin_are_its_stage_ends_before_patch_merging(versi
     assert [tuple(feats[n].shape) for n in ends] == [(1, 64, 8), (1, 16, 16), (1, 4, 32)]
 
 
-def test_exact_attention_equals_the_reference_on_an_hf_swin() -> None:
-    model = _tiny_swin(_transformers()).double().eval()
-    gen = torch.Generator().manual_seed(4)
-    batches = [
-        (torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64), torch.tensor([1, 4, 0]))
-        for _ in range(2)
-    ]
-    layers = default_layers(model, input_size=32)
-    got = channel_removal_scores(model, batches, layers, n_batches=2, chunk_size=8)
-    want = ref_removal_scores_last_axis(_Logits(model), batches, [f"m.{n}" for n in layers])
-    for name, channels in zip(layers, (8, 16, 32), strict=True):
-        assert got[name].shape == (channels,)
-        assert_close(got[name], want[f"m.{name}"], rtol=1e-9, atol=1e-12)
-
-
-def test_exact_attention_equals_the_reference_on_an_hf_vit() -> None:
-    transformers = _transformers()
-    model = _tiny_vit(transformers).double().eval()
+@pytest.mark.parametrize(("family", "channels"), [("vit", (32, 32)), ("swin", (8, 16, 32))])
+def test_exact_attention_equals_the_reference_on_hf_models(
+    family: str, channels: tuple[int, ...]
+) -> None:
+    build = {"vit": _tiny_vit, "swin": _tiny_swin}[family]
+    model = build(_transformers()).double().eval()
     gen = torch.Generator().manual_seed(3)
     batches = [
         (torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64), torch.tensor([0, 4, 2]))
@@ -147,8 +135,8 @@ def test_exact_attention_equals_the_reference_on_an_hf_vit() -> None:
     layers = default_layers(model, input_size=32)
     got = channel_removal_scores(model, batches, layers, n_batches=2, chunk_size=8)
     want = ref_removal_scores_last_axis(_Logits(model), batches, [f"m.{n}" for n in layers])
-    for name in layers:
-        assert got[name].shape == (32,)
+    for name, count in zip(layers, channels, strict=True):
+        assert got[name].shape == (count,)
         assert_close(got[name], want[f"m.{name}"], rtol=1e-9, atol=1e-12)
 
 

@@ -432,18 +432,23 @@ def test_a_declared_layout_is_checked_against_two_input_sizes() -> None:
         objective(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
 
 
+def _attention_args(data: Path, layers: str) -> list[str]:
+    """``deltaft attention`` on the channels-last toy, one short pass."""
+    return [
+        "--data", str(data), "--model", "tests.test_layouts:channels_last_toy",
+        "--weights", "none", "--image-size", "24", "--batch-size", "8", "--workers", "0",
+        "--device", "cpu", "--attention-epochs", "1", "--attention-batches", "1",
+        "--layers", layers,
+    ]  # fmt: skip
+
+
 def test_the_attention_command_weights_the_channels_of_a_channels_last_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from safetensors.torch import load_file
 
     write_images(tmp_path / "data", "train", 4, seed=0)
-    common = [
-        "--data", str(tmp_path / "data"), "--model", "tests.test_layouts:channels_last_toy",
-        "--weights", "none", "--image-size", "24", "--batch-size", "8", "--workers", "0",
-        "--device", "cpu", "--attention-epochs", "1", "--attention-batches", "1",
-        "--layers", "stage1,stage2",
-    ]  # fmt: skip
+    common = _attention_args(tmp_path / "data", "stage1,stage2")
     path = tmp_path / "att.safetensors"
     code, out, err = run_main(capsys, "attention", *common, "--out", str(path))
     assert code == 0, err
@@ -501,12 +506,7 @@ def test_the_attention_command_takes_layouts_by_layer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_images(tmp_path / "data", "train", 4, seed=0)
-    common = [
-        "--data", str(tmp_path / "data"), "--model", "tests.test_layouts:channels_last_toy",
-        "--weights", "none", "--image-size", "24", "--batch-size", "8", "--workers", "0",
-        "--device", "cpu", "--attention-epochs", "1", "--attention-batches", "1",
-        "--layers", "stem,stage2",
-    ]  # fmt: skip
+    common = _attention_args(tmp_path / "data", "stem,stage2")
     code, out, err = run_main(
         capsys, "attention", *common, "--layout", "stage2=BHWC", "--out", str(tmp_path / "a")
     )
