@@ -63,9 +63,15 @@ def _score(cfg: TrainConfig) -> float:
 class _FakeTraining:
     """Stands for run_training: reports ``_score`` every epoch, records its calls."""
 
-    def __init__(self, fail_if: Any = None, interrupt_at: int | None = None) -> None:
+    def __init__(
+        self,
+        fail_if: Any = None,
+        interrupt_at: int | None = None,
+        error: Exception | None = None,
+    ) -> None:
         self.calls: list[TrainConfig] = []
         self.fail_if, self.interrupt_at = fail_if, interrupt_at
+        self.error = error or NonFiniteLossError("loss became nan at epoch 1")
 
     def __call__(self, cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
         self.calls.append(cfg)
@@ -78,9 +84,9 @@ class _FakeTraining:
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at + 1:
             raise KeyboardInterrupt
         if self.fail_if is not None and self.fail_if(cfg):
-            raise NonFiniteLossError("loss became nan at epoch 1")
+            raise self.error
         for epoch in (1, 2):
-            kwargs["on_epoch"]({"epoch": epoch, "val/acc": _score(cfg) * epoch / 2})
+            kwargs["on_epoch"]({"epoch": epoch, "epochs": 2, "val/acc": _score(cfg) * epoch / 2})
         return {
             "val_accuracy": _score(cfg),
             "best_val_accuracy": _score(cfg),
@@ -247,16 +253,32 @@ def test_a_study_counts_finished_trials_and_writes_the_results(
 def test_failed_trials_are_recorded_and_the_study_goes_on(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = _FakeTraining(fail_if=lambda cfg: cfg.lr > 0.01)
+    fake = _FakeTraining(fail_if=lambda cfg: cfg.lr > 0.03)
     monkeypatch.setattr("deltaft.app.train.run_training", fake)
     out = tmp_path / "tune"
     result = run_tune(_base(data), ["l2"], out, TuneOptions(trials=5, pruner="none"))
     failed = [t for t in _trials(out) if t.state.name == "FAIL"]
-    assert failed and all(t.params["lr"] > 0.01 for t in failed)
+    assert failed and all(t.params["lr"] > 0.03 for t in failed)
     assert all("loss became nan" in t.user_attrs["error"] for t in failed)
     assert _states(out)["COMPLETE"] == 5 and result.methods[0].failed == len(failed)
     rows = json.loads((out / "tune.json").read_text())["methods"]["l2"]["trials"]
     assert {r["error"] for r in rows if r["state"] == "FAIL"} == {"loss became nan at epoch 1"}
+    # Any error is a failed trial: here an SVD that does not converge (+bss at a diverging lr)
+    svd = RuntimeError("linalg.svd: The algorithm failed to converge")
+    monkeypatch.setattr(
+        "deltaft.app.train.run_training", _FakeTraining(fail_if=lambda c: c.lr > 0.03, error=svd)
+    )
+    run_tune(_base(data), ["l2"], tmp_path / "t1", TuneOptions(trials=5, pruner="none"))
+    failed = [t for t in _trials(tmp_path / "t1") if t.state.name == "FAIL"]
+    assert failed and {t.user_attrs["error"] for t in failed} == {f"RuntimeError: {svd}"}
+    assert _states(tmp_path / "t1")["COMPLETE"] == 5
+    # Failing next to the optimum (TPE learns nothing from failed trials, so it keeps drawing
+    # there): the study stops once as many trials failed as it was to finish, with a warning.
+    monkeypatch.setattr(
+        "deltaft.app.train.run_training", _FakeTraining(fail_if=lambda c: c.lr > 0.01)
+    )
+    stuck = run_tune(_base(data), ["l2"], tmp_path / "t3", TuneOptions(trials=5, pruner="none"))
+    assert stuck.methods[0].failed == 5 and 0 < _states(tmp_path / "t3")["COMPLETE"] < 5
     # Every trial failing: the settings are wrong, not the trials; stop with the message.
     monkeypatch.setattr("deltaft.app.train.run_training", _FakeTraining(fail_if=lambda c: True))
     with pytest.raises(ValueError, match=r"3 trials failed in a row and none finished; the last"):
@@ -336,6 +358,80 @@ def test_grid_sampler_tries_each_point_once(
     assert result.methods[0].best_params == {"lr": 0.01}
 
 
+def test_grid_sampler_does_not_retry_a_point_that_fails(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _FakeTraining(fail_if=lambda cfg: cfg.lr == 0.1)
+    monkeypatch.setattr("deltaft.app.train.run_training", fake)
+    space = parse_search_space(
+        {"l2": {"lr": {"choices": [0.1, 0.001, 0.01]}, "weight_decay": None}}
+    )
+    options = TuneOptions(trials=10, sampler="grid", pruner="none", space=space)
+    result = run_tune(_base(data), ["l2"], tmp_path / "tune", options)
+    assert sorted(c.lr for c in fake.calls) == [0.001, 0.01, 0.1]  # each once, 0.1 failed
+    assert _states(tmp_path / "tune") == {"COMPLETE": 2, "FAIL": 1}
+    assert result.methods[0].best_params == {"lr": 0.01}
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch(
+    fake: _FakeTraining, data: Path, tmp_path: Path
+) -> None:
+    """With --iterations the epoch count is the run's (the loop gives it): a poor trial that
+    reaches its last epoch is complete, not pruned with its finished training thrown away."""
+    out = tmp_path / "tune"
+    base = _base(data, epochs=None, iterations=4)
+    space = parse_search_space({"l2": {"lr": {"choices": [0.01, 1e-4]}, "weight_decay": None}})
+    options = TuneOptions(trials=3, pruner="median", space=space)
+    study = open_study(base, "l2", method_space("l2", space), options, storage_of(out, None))
+    for lr in (0.01, 0.01, 1e-4):  # two good trials set the median, then a poor one
+        study.enqueue_trial({"lr": lr})
+    run_tune(base, ["l2"], out, options)
+    assert [t.state.name for t in _trials(out)] == ["COMPLETE"] * 3
+
+
+def test_two_processes_that_start_together_sample_different_settings(
+    fake: _FakeTraining, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `deltaft tune` on one storage (here two threads, each its own storage object and
+    worker 0) read the same empty history, then ask at once: the storage numbers their trials
+    0 and 1, and each trial is sampled with the seed of its number."""
+    import threading
+
+    from deltaft.app.tune_trial import TuneContext
+
+    out = tmp_path / "tune"
+    base, options = _base(data), TuneOptions(trials=2, pruner="none")
+    spaces = {"l2": method_space("l2")}
+    open_study(base, "l2", spaces["l2"], options, storage_of(out, None))
+    barrier, asked = threading.Barrier(2, timeout=60), set()
+    real_ask = optuna.study.Study.ask
+
+    def ask(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() not in asked:  # both have read the history: ask together
+            asked.add(threading.get_ident())
+            barrier.wait()
+        return real_ask(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "ask", ask)
+    errors: list[BaseException] = []
+
+    def process() -> None:
+        try:
+            TuneContext(base, out, options, spaces).work(0)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=process) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    trials = [t for t in _trials(out) if not t.user_attrs.get("surplus")]  # a race's spare
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert trials[0].params != trials[1].params
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
@@ -364,6 +460,15 @@ def test_cli_tune_reads_spaces_from_the_config_file_and_refuses_bad_input(
     ):
         code, _, err = run_main(capsys, *common, *argv)
         assert code == 2 and re.search(match, err), err
+    # the key as a flag would spell it, and twice
+    config.write_text(config.read_text().replace("search_space:", "search-space:"))
+    again = ("--trials", "2", "--sampler", "grid", "--out", str(tmp_path / "t2"))
+    code, stdout, _ = run_main(capsys, *common, *again)
+    assert code == 0 and sorted(c.lr for c in fake.calls[2:]) == [0.001, 0.01], stdout
+    config.write_text(config.read_text() + "search_space: {}\n")
+    code, _, err = run_main(capsys, *common)
+    assert code == 2 and "sets both search_space and search-space; keep one" in err, err
+    config.write_text(config.read_text().replace("search_space: {}\n", ""))
     config.write_text(config.read_text().replace("weight_decay: null", "wd: 1"))
     code, _, err = run_main(capsys, *common)
     assert code == 2 and "tune.yaml: search_space.l2.wd: not a setting that can be tuned" in err
@@ -434,6 +539,17 @@ def test_demo_tune_tunes_on_a_validation_part_of_the_pool_then_compares_on_test(
 def _garble_test_images(data: Path) -> None:
     for path in (data / "test").rglob("*.png"):
         path.write_bytes(b"not an image at all")
+
+
+def test_the_attention_that_delta_trials_share_does_not_read_the_test_split(
+    data: Path, tmp_path: Path
+) -> None:
+    from deltaft.app.attention import run_attention
+
+    _garble_test_images(data)  # a run that verified the test split would refuse them
+    cfg = _base(data, method="delta", attention_epochs=1, attention_batches=1)
+    attention = run_attention(cfg, tmp_path / "attention.safetensors")
+    assert attention.layers and (tmp_path / "attention.safetensors").is_file()
 
 
 @pytest.mark.slow

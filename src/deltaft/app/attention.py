@@ -183,7 +183,7 @@ def run_attention(
     path = Path(path)
     if path.exists():
         raise SettingError(f"{path} exists; choose a new {{out}} file (nothing is overwritten).")
-    built = build_run(cfg, resolve_device(cfg.device))
+    built = build_run(cfg, resolve_device(cfg.device), test=False)  # attention never reads it
     layers, layouts = select_layers_and_layouts(
         cfg.layers, built.model, built.image_size, cfg.layout
     )

@@ -42,7 +42,8 @@ __all__ = ["EpochFn", "Loaders", "TrainingLoop"]
 
 logger = logging.getLogger(__name__)
 
-#: Called with each epoch's metrics row after its checkpoint (see ``TrainingLoop.on_epoch``).
+#: Called with each epoch's metrics row after its checkpoint, plus ``epochs`` (the run's count;
+#: see ``TrainingLoop.on_epoch``).
 EpochFn = Callable[[dict[str, Any]], None]
 
 
@@ -183,7 +184,7 @@ class TrainingLoop:
         logger.info("%s", epoch_line(loop.epoch, self.epochs, row))
         self.checkpointer.save_epoch(loop, row)
         if self.on_epoch is not None:
-            self.on_epoch(dict(row))
+            self.on_epoch({**row, "epochs": self.epochs})
 
     def _best_test_accuracy(self, last: float | None) -> float | None:
         """Test accuracy of the ``best.pt`` weights (``last``'s when the last epoch is best)."""

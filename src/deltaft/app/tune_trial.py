@@ -95,8 +95,10 @@ class _Worker:
 
     Before each trial: stale trials are failed and retried, and the study's finished trials
     (complete or pruned) are counted against :attr:`target`, those other processes are running
-    too. The sampler is reseeded from ``(seed, method, trials so far, worker)``: the same run
-    of one process samples the same settings, two processes do not.
+    too. Once asked for, a trial's settings are sampled with the sampler seeded from ``(seed,
+    method, trial number)``: the storage numbers trials uniquely, so the same run of one process
+    samples the same settings, and two processes on one storage (or ``--jobs`` workers) sample
+    different ones.
     """
 
     context: TuneContext
@@ -129,16 +131,23 @@ class _Worker:
             waiting = sum(t.state == states.WAITING for t in trials)
             if finished >= self.target:
                 return
+            failed = [t for t in trials if t.state == states.FAIL and not _given_back(t)]
+            if len(failed) >= self.target:  # TPE learns nothing from failed trials
+                logger.warning(
+                    "tune %s: %d trials failed and %d of %d finished: this study stops here. "
+                    "Their errors are in tune.json; narrow the search space away from them (e.g. "
+                    "a lower lr range) in a new --out.",
+                    self.method, len(failed), finished, self.target,
+                )  # fmt: skip
+                return
             if finished + running >= self.target and not waiting:
                 logger.info(
                     "tune %s: the %d remaining trial(s) run in other processes",
                     self.method, self.target - finished,
                 )  # fmt: skip
                 return
-            seed = derived_seed(self.context.base.seed, self.method, len(trials), self.worker)
-            seed %= 2**32  # what Optuna's samplers take
-            self.study.sampler = tpe_sampler(self.context.options, seed)
-            if self.context.options.sampler == "grid" and not waiting:
+            grid = self.context.options.sampler == "grid"
+            if grid and not waiting:
                 point = self._next_grid_point(trials)
                 if point is None:
                     return
@@ -146,21 +155,37 @@ class _Worker:
             trial = self.study.ask()
             if self._surplus(trial):
                 return
+            if grid and self._duplicate(trial):
+                continue
+            # TPE samples at suggest time: seeded now, from the number the storage gave
+            seed = derived_seed(self.context.base.seed, self.method, trial.number) % 2**32
+            self.study.sampler = tpe_sampler(self.context.options, seed)
             self._run_trial(trial)
 
     def _next_grid_point(self, trials: list[Any]) -> dict[str, Any] | None:
-        """The first grid point (in the seeded order) no live or finished trial has."""
-        states = require_optuna().trial.TrialState
-        taken = [
-            t.params or t.system_attrs.get("fixed_params", {})
-            for t in trials
-            if t.state != states.FAIL
-        ]
+        """The first grid point (in the seeded order) that no trial has, except those that were
+        retried (their settings are enqueued again) or given up as surplus: a point that failed
+        is not tried again."""
+        taken = [_point(t) for t in trials if not _given_back(t)]
         space = self.context.spaces[self.method]
         for point in grid_order(space, self.context.base.seed):
             if point not in taken:
                 return point
         return None
+
+    def _duplicate(self, trial: Any) -> bool:
+        """With ``grid``, two workers can enqueue the same point at once, or one can take the
+        other's: a trial without a grid point, or whose point an earlier trial has, is given
+        up (marked surplus) and the worker asks again."""
+        trials = self.study.get_trials(deepcopy=False)
+        point = next(t for t in trials if t.number == trial.number).system_attrs.get("fixed_params")
+        earlier = [_point(t) for t in trials if t.number < trial.number and not _given_back(t)]
+        if point is not None and point not in earlier:
+            return False
+        states = require_optuna().trial.TrialState
+        trial.set_user_attr("surplus", True)
+        self.study.tell(trial, state=states.FAIL)
+        return True
 
     def _surplus(self, trial: Any) -> bool:
         """Another process started the last needed trial at the same time: give this one up."""
@@ -219,6 +244,17 @@ class _Worker:
         )  # fmt: skip
 
 
+def _point(trial: Any) -> dict[str, Any]:
+    """A trial's settings: sampled, or fixed when it was enqueued and has not started."""
+    return dict(trial.params or trial.system_attrs.get("fixed_params", {}))
+
+
+def _given_back(trial: Any) -> bool:
+    """A failed trial whose settings were enqueued again, or one given up as surplus."""
+    attrs = trial.user_attrs
+    return trial.state.name == "FAIL" and bool(attrs.get("retried") or attrs.get("surplus"))
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     if seconds < 120:
@@ -250,6 +286,7 @@ def fail_stale_trials(study: Any) -> list[int]:
         why = f"its process ({attrs.get('pid')} on {attrs.get('host')}) ended mid-trial; retried"
         try:
             study._storage.set_trial_user_attr(trial._trial_id, "error", why)
+            study._storage.set_trial_user_attr(trial._trial_id, "retried", True)
             study.tell(trial.number, state=states.FAIL)
         except (RuntimeError, ValueError):  # another process marked it first
             continue
@@ -273,8 +310,8 @@ class Heartbeat:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self._study._storage.set_trial_user_attr(self._trial_id, "heartbeat", time.time())
-            except Exception:  # the trial finished meanwhile
-                return
+            except Exception as error:  # a busy database: the next beat tries again
+                logger.debug("tune: heartbeat of trial %d not written: %s", self._trial_id, error)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -296,6 +333,24 @@ class TrialOutcome:
     interrupted: bool = False
 
 
+def _message(error: Exception) -> str:
+    """One line: a setting error as the command line shows it, a known failure by its message,
+    anything else with its type (``LinAlgError: ...``)."""
+    if isinstance(error, SettingError):
+        text = error.render(lambda key: key)
+    elif isinstance(error, (ValueError, NonFiniteLossError)):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
+
+
+def _abandoned(trial: Any, seconds: float) -> TrialOutcome:
+    message = "abandoned: another process declared it dead (late heartbeat) and retries it"
+    logger.warning("tune: trial %d %s", trial.number, message)
+    return TrialOutcome(trial.number, "FAIL", message, seconds, interrupted=True)
+
+
 def _suggest(trial: Any, param: Param) -> Any:
     if param.choices is not None:
         return trial.suggest_categorical(param.name, list(param.choices))
@@ -308,11 +363,13 @@ def _suggest(trial: Any, param: Param) -> Any:
 def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> TrialOutcome:
     """Train ``trial``'s settings on validation only; tell the study how it ended.
 
-    Pruned from its per-epoch validation accuracy; a ``ValueError`` (a setting that cannot
-    work), a diverged loss or CUDA out-of-memory is a failed trial with its message; Ctrl-C marks
-    it failed, enqueues its settings again (the next run retries them) and propagates.
+    Pruned from its per-epoch validation accuracy (never after its last epoch: nothing would
+    be saved). Any error (a setting that cannot work, a diverged loss, an SVD that does not
+    converge, CUDA out-of-memory, an unreadable image...) is a failed trial with its message, and
+    the study goes on; Ctrl-C marks it failed, enqueues its settings again (the next run retries
+    them) and propagates. A trial that another process declared dead meanwhile (its heartbeat
+    was late) is left to the retry: this process stops it quietly.
     """
-    import torch
 
     from deltaft.app.train import run_training
 
@@ -330,26 +387,28 @@ def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> Tria
     out = context.out / "trials" / method / str(trial.number)
     trial.set_user_attr("out", str(out))
 
-    last_epoch = params.get("epochs", context.base.epochs)  # None with iterations: unknown
+    finished_elsewhere = optuna.exceptions.UpdateFinishedTrialError
 
     def on_epoch(row: dict[str, Any]) -> None:
         accuracy = row.get("val/acc")
         if accuracy is None:
             return
         trial.report(float(accuracy), int(row["epoch"]))
-        if row["epoch"] != last_epoch and trial.should_prune():  # at the end: nothing to save
+        if row["epoch"] < row["epochs"] and trial.should_prune():  # at the end: nothing to save
             raise optuna.TrialPruned(
                 f"pruned after epoch {row['epoch']} at val {100 * accuracy:.2f} %"
             )
 
     def ended(state: Any, message: str, value: float | None = None, **extra: Any) -> TrialOutcome:
-        trial.set_user_attr("seconds", time.perf_counter() - started)
-        if state == states.FAIL:
-            trial.set_user_attr("error", message)
-        study.tell(trial, value if state == states.COMPLETE else None, state=state)
-        return TrialOutcome(
-            trial.number, state.name, message, time.perf_counter() - started, **extra
-        )
+        seconds = time.perf_counter() - started
+        try:
+            trial.set_user_attr("seconds", seconds)
+            if state == states.FAIL:
+                trial.set_user_attr("error", message)
+            study.tell(trial, value if state == states.COMPLETE else None, state=state)
+        except finished_elsewhere:
+            return _abandoned(trial, seconds)
+        return TrialOutcome(trial.number, state.name, message, seconds, **extra)
 
     progress = context.progress if context.options.jobs == 1 else None
     with Heartbeat(study, trial):
@@ -361,16 +420,17 @@ def run_trial(context: TuneContext, method: str, study: Any, trial: Any) -> Tria
             summary = run_training(cfg, progress=progress, test=False, on_epoch=on_epoch)
         except optuna.TrialPruned as pruned:
             return ended(states.PRUNED, str(pruned))
-        except (ValueError, NonFiniteLossError, torch.cuda.OutOfMemoryError) as error:
-            message = (
-                error.render(lambda key: key) if isinstance(error, SettingError) else str(error)
-            )
-            logger.warning("tune %s: trial %d failed: %s", method, trial.number, message)
-            return ended(states.FAIL, " ".join(message.split()))
+        except finished_elsewhere:  # trial.report: another process failed it and retries it
+            return _abandoned(trial, time.perf_counter() - started)
         except KeyboardInterrupt:
+            trial.set_user_attr("retried", True)
             ended(states.FAIL, "interrupted; retried by the next run", interrupted=True)
             study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
             raise
+        except Exception as error:
+            message = _message(error)
+            logger.warning("tune %s: trial %d failed: %s", method, trial.number, message)
+            return ended(states.FAIL, message)
     accuracy = summary["val_accuracy"]
     trial.set_user_attr("best_val_accuracy", summary["best_val_accuracy"])
     trial.set_user_attr("epochs", summary["epochs"])

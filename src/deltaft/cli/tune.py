@@ -11,6 +11,7 @@ from typing import Any
 from deltaft.app.compare import parse_methods
 from deltaft.app.config import TrainConfig
 from deltaft.app.config_io import read_settings_file
+from deltaft.app.errors import SettingError
 from deltaft.app.methods import spec_help
 from deltaft.cli.compare import RefuseFlag
 from deltaft.cli.options import add_settings, add_train_arguments, argparse_type
@@ -98,8 +99,12 @@ def _config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | Non
     space = None
     if args.config:
         settings = dict(read_settings_file(args.config))
-        space = settings.pop(SPACE_KEY, None)
-        settings.pop(SPACE_KEY.replace("_", "-"), None)
+        spaces = [settings.pop(key) for key in (SPACE_KEY, "search-space") if key in settings]
+        if len(spaces) > 1:
+            raise SettingError(
+                f"{args.config} sets both search_space and search-space; keep one of them."
+            )
+        space = spaces[0] if spaces else None
     origin = f"config file {args.config}" if args.config else "the command line"
     base = TrainConfig.from_sources(settings, given, origin=origin)
     return base, space
