@@ -322,6 +322,7 @@ def _train_in_jobs(
                 len(done), total, method, seed, run.accuracy, run.split, run.seconds, run.run_dir,
             )  # fmt: skip
         pool.close()
+        pool.join()  # the workers exit on their own (terminate would kill them mid-cleanup)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             "interrupted; the finished runs are kept, and the same command continues the "
@@ -331,6 +332,7 @@ def _train_in_jobs(
         pool.terminate()  # at once on an error or Ctrl-C; a finished pool has nothing left
         pool.join()
         listener.stop()  # after the jobs: every record they sent is handled
+        queue.close()
 
 
 def run_compare(

@@ -148,6 +148,7 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
         for _ in pool.imap_unordered(_job_work, work):
             pass
         pool.close()
+        pool.join()  # the workers exit on their own (terminate would kill them mid-cleanup)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             "interrupted; finished trials are kept, and the same command continues the study "
@@ -157,3 +158,4 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
         pool.terminate()
         pool.join()
         listener.stop()
+        queue.close()
