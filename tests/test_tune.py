@@ -141,6 +141,16 @@ def test_default_spaces_per_method_and_user_overrides() -> None:
     assert [round(p, 6) for p in l2["lr"].grid_points()] == [0.001, 0.003162, 0.01]
 
 
+def test_a_space_that_tunes_a_setting_the_method_ignores_is_refused() -> None:
+    user = parse_search_space({"all": {"bss_eta": [1e-4, 1e-2]}, "l2": {"weight_decay": None}})
+    assert sorted(method_space("l2+bss", user)) == ["bss_eta", "lr"]
+    with pytest.raises(SettingError, match=r"space of l2 tunes bss_eta, which l2 does not use "):
+        method_space("l2", user)
+    user = parse_search_space({"delta": {"lwf_temperature": [1, 4]}})
+    with pytest.raises(SettingError, match=r"lwf_temperature, which delta does not use \(it "):
+        method_space("delta", user)
+
+
 @pytest.mark.parametrize(
     ("space", "match"),
     [

@@ -35,7 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
-from deltaft.app.methods import BASE_METHODS, RECIPES, MethodSpec
+from deltaft.app.errors import SettingError
+from deltaft.app.methods import BASE_METHODS, PART_SETTINGS, RECIPES, MethodSpec
 
 __all__ = ["ALL", "DEFAULT_SPACES", "Param", "method_space", "parse_search_space"]
 
@@ -237,7 +238,12 @@ def method_space(
     method: str, overrides: Mapping[str, Mapping[str, Param | None]] | None = None
 ) -> dict[str, Param]:
     """The space of ``method`` (a spec): defaults for ``all``, base, recipes, then ``overrides``
-    for the same keys and for the spec itself; entries set to ``None`` are dropped."""
+    for the same keys and for the spec itself; entries set to ``None`` are dropped.
+
+    Raises:
+        SettingError: the space tunes a setting the method ignores
+            (:data:`~deltaft.app.methods.PART_SETTINGS`, e.g. ``bss_eta`` without ``+bss``).
+    """
     spec = MethodSpec.parse(method)
     keys = [ALL, spec.base, *spec.recipes]
     merged: dict[str, Param | None] = {}
@@ -245,4 +251,15 @@ def method_space(
         merged.update(DEFAULT_SPACES.get(key, {}))
     for key in [*keys, str(spec)]:
         merged.update((overrides or {}).get(key, {}))
-    return {name: param for name, param in merged.items() if param is not None}
+    space = {name: param for name, param in merged.items() if param is not None}
+    ignored = [name for name in spec.unused_settings if name in space]
+    if ignored:
+        owners = sorted(
+            {part for part, names in PART_SETTINGS.items() if set(names) & set(ignored)}
+        )
+        raise SettingError(
+            f"The search space of {spec} tunes {', '.join(ignored)}, which {spec} does not use "
+            f"(it belongs to {', '.join(owners)}); put it under that method or recipe in "
+            "search_space."
+        )
+    return space
