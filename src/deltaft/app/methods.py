@@ -21,10 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from deltaft.app.config import TrainConfig
+from typing import Any, ClassVar, Protocol, TypeVar
 
 __all__ = [
     "BASE_METHODS",
@@ -32,6 +29,7 @@ __all__ = [
     "PART_SETTINGS",
     "RECIPES",
     "MethodSpec",
+    "Settings",
     "for_method",
     "ignored_settings",
     "spec_help",
@@ -156,7 +154,21 @@ class MethodSpec:
         return "+".join((self.base, *self.recipes))
 
 
-def _defaults(cfg: TrainConfig) -> dict[str, Any]:
+class Settings(Protocol):
+    """What the functions below read of a :class:`~deltaft.app.config.TrainConfig` (typed this
+    way because the config imports this module)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    method: str
+
+    @property
+    def spec(self) -> MethodSpec: ...
+
+
+_Config = TypeVar("_Config", bound=Settings)
+
+
+def _defaults(cfg: Settings) -> dict[str, Any]:
     defaults: dict[str, Any] = {}
     for field in dataclasses.fields(cfg):
         factory = field.default_factory
@@ -164,13 +176,13 @@ def _defaults(cfg: TrainConfig) -> dict[str, Any]:
     return defaults
 
 
-def ignored_settings(cfg: TrainConfig) -> list[str]:
+def ignored_settings(cfg: Settings) -> list[str]:
     """The settings ``cfg``'s spec ignores that are set away from their defaults."""
     defaults = _defaults(cfg)
     return [name for name in cfg.spec.unused_settings if getattr(cfg, name) != defaults[name]]
 
 
-def warn_ignored_settings(cfg: TrainConfig) -> None:
+def warn_ignored_settings(cfg: Settings) -> None:
     """One warning naming the flags of :func:`ignored_settings`, if any."""
     ignored = ignored_settings(cfg)
     if ignored:
@@ -179,7 +191,7 @@ def warn_ignored_settings(cfg: TrainConfig) -> None:
         logger.warning("%s ignored: method %s does not use %s.", flags, cfg.method, pronoun)
 
 
-def for_method(cfg: TrainConfig, method: str | MethodSpec, **changes: Any) -> TrainConfig:
+def for_method(cfg: _Config, method: str | MethodSpec, **changes: Any) -> _Config:
     """``cfg`` trained with ``method`` (and ``changes``): the settings the method ignores return
     to their defaults, so that runs of several methods from one base config differ only in
     what each method uses (``compare``, ``tune``)."""
