@@ -132,6 +132,11 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
 
     from deltaft.app.compare import JobLogHandler, init_job_process
 
+    for method in context.spaces:  # the shared attention estimates: once, here, not per job
+        context.attention_for(method)
+    quiet = TuneContext(
+        context.base, context.out, context.options, context.spaces, None, dict(context.attention)
+    )
     threads = max(1, torch.get_num_threads() // jobs)
     level = logging.getLogger("deltaft").getEffectiveLevel()
     logger.info("tune: %d processes, %d torch thread(s) each", jobs, threads)
@@ -142,7 +147,6 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
     pool = mp.Pool(
         jobs, initializer=init_job_process, initargs=(threads, level, queue, os.getpid())
     )
-    quiet = TuneContext(context.base, context.out, context.options, context.spaces, None)
     try:
         work = [(quiet, worker, level) for worker in range(jobs)]
         for _ in pool.imap_unordered(_job_work, work):
