@@ -107,6 +107,10 @@ def _trials(out: Path, method: str = "l2") -> list[Any]:
     return study.get_trials(deepcopy=False)
 
 
+def _tuned_row(out: Path, method: str = "l2") -> dict[str, Any]:
+    return dict(json.loads((out / "tune.json").read_text())["methods"][method])
+
+
 def _states(out: Path, method: str = "l2") -> dict[str, int]:
     counts: dict[str, int] = {}
     for trial in _trials(out, method):
@@ -311,6 +315,8 @@ def test_an_interrupted_trial_is_retried_by_the_next_run(
     run_tune(_base(data), ["l2"], out, TuneOptions(trials=4, pruner="none"))
     trials = _trials(out)
     assert _states(out) == {"COMPLETE": 4, "FAIL": 1} and len(fake.calls) == 2
+    row = _tuned_row(out)
+    assert (row["complete"], row["failed"], row["retried"]) == (4, 0, 1)  # not a failure
     assert trials[3].user_attrs["retry_of"] == 2 and trials[3].state.name == "COMPLETE"
 
 
@@ -459,7 +465,7 @@ def test_cli_tune_reads_spaces_from_the_config_file_and_refuses_bad_input(
         capsys, *common, "--trials", "2", "--sampler", "grid", "--workers", "0"
     )
     assert code == 0, stdout
-    assert "| l2 | 100.00 | lr=0.01 | 2 | 0 | 0 |" in stdout and "compare --tuned" in stdout
+    assert "| l2 | 100.00 | lr=0.01 | 2 | 0 | 0 | 0 |" in stdout and "compare --tuned" in stdout
     assert sorted(c.lr for c in fake.calls) == [0.001, 0.01]
     for argv, match in (
         (("--trials", "0"), r"--trials must be >= 1, got 0"),

@@ -45,7 +45,8 @@ class MethodTuning:
             when no trial completed.
         best_params: the best trial's settings.
         best_trial: its number; ``best_out`` its run folder.
-        complete, pruned, failed: trial counts (failed: interrupted ones included).
+        complete, pruned, failed, retried: trial counts; ``retried``: trials that were
+            interrupted or whose process died, their settings run again by a later trial.
         trials: every trial: ``number``, ``state``, ``value``, ``params``, ``seconds``,
             ``error``, ``epochs`` (reported validation accuracies, by epoch).
     """
@@ -58,6 +59,7 @@ class MethodTuning:
     complete: int
     pruned: int
     failed: int
+    retried: int
     space: list[str]
     trials: list[dict[str, Any]] = field(repr=False)
 
@@ -81,6 +83,7 @@ class MethodTuning:
             "complete": self.complete,
             "pruned": self.pruned,
             "failed": self.failed,
+            "retried": self.retried,
             "space": self.space,
             "epochs_saved_by_pruning": self.epochs_saved[0],
             "epochs_trained": self.epochs_saved[1],
@@ -99,15 +102,16 @@ class TuneResult:
     def table_markdown(self) -> str:
         """One row per method: best validation accuracy, its settings, trial counts."""
         lines = [
-            "| method | best val accuracy (%) | best settings | complete | pruned | failed |",
-            "|---|---:|---|---:|---:|---:|",
+            "| method | best val accuracy (%) | best settings | complete | pruned | failed | "
+            "retried |",
+            "|---|---:|---|---:|---:|---:|---:|",
         ]
         for row in self.methods:
             value = "-" if row.best_value is None else f"{100 * row.best_value:.2f}"
             settings = ", ".join(f"{k}={_fmt(v)}" for k, v in row.best_params.items()) or "-"
             lines.append(
                 f"| {row.method} | {value} | {settings} | {row.complete} | {row.pruned} | "
-                f"{row.failed} |"
+                f"{row.failed} | {row.retried} |"
             )
         saved = [row.epochs_saved for row in self.methods]
         lines += [
@@ -156,7 +160,8 @@ def summarize_study(study: Any, method: str, space: Mapping[str, Param]) -> Meth
         best_out=None if best is None else best.user_attrs.get("out"),
         complete=len(complete),
         pruned=sum(t.state == states.PRUNED for t in trials),
-        failed=sum(t.state == states.FAIL for t in trials),
+        failed=sum(t.state == states.FAIL and not t.user_attrs.get("retried") for t in trials),
+        retried=sum(t.state == states.FAIL and bool(t.user_attrs.get("retried")) for t in trials),
         space=[p.describe() for p in space.values()],
         trials=[_trial_row(t) for t in trials],
     )
