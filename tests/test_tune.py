@@ -518,6 +518,14 @@ def test_compare_tuned_retrains_each_method_with_its_best_settings(
         capsys, "compare", "--tuned", str(tmp_path), "--out", str(tmp_path / "c3")
     )
     assert code == 2 and "tune.json not found: --tuned takes the --out folder of a finished" in err
+    # the tune's own --config file, search space and all, serves the comparison too
+    config = tmp_path / "tune.yaml"
+    config.write_text("batch-size: 4\nsearch_space:\n  l2: {weight_decay: null}\n")
+    fake.calls.clear()
+    again = ("--config", str(config), "--methods", "l2", "--out", str(tmp_path / "c4"))
+    code, _, err = run_main(capsys, *argv[:-2], *again)
+    assert code == 0, err
+    assert [(c.method, c.batch_size) for c in fake.calls] == [("l2", 4), ("l2", 4)]
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from deltaft.app.compare import parse_methods, run_compare
-from deltaft.app.config import TrainConfig, load_config
+from deltaft.app.config import TrainConfig
+from deltaft.app.config_io import normalise_keys, read_settings_file
 from deltaft.app.methods import spec_help
 from deltaft.cli.options import (
     add_seeds_and_jobs_arguments,
@@ -97,7 +98,12 @@ def _tuned_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, dict
     tuned = load_tuned(args.tuned)
     keys = set(TrainConfig.keys())
     given = {key: value for key, value in vars(args).items() if key in keys}
-    file = load_config(args.config) if args.config else None
+    file = None
+    if args.config:  # the tune's own file may hold its search space: it served the tune
+        settings = read_settings_file(args.config)
+        for key in ("search_space", "search-space"):
+            settings.pop(key, None)
+        file = normalise_keys(settings, TrainConfig.keys(), f"config file {args.config}")
     return TrainConfig.from_sources(tuned_base(args.tuned), file, given), tuned
 
 
