@@ -145,6 +145,19 @@ def test_default_spaces_per_method_and_user_overrides() -> None:
     assert [round(p, 6) for p in l2["lr"].grid_points()] == [0.001, 0.003162, 0.01]
 
 
+def test_a_study_is_bound_to_its_space_grid_included(data: Path, tmp_path: Path) -> None:
+    base, storage = _base(data), storage_of(tmp_path / "tune", None)
+    match = r"another space \(.*\(grid 0.001, 0.01\)'.* there, .*\(grid 0.001, 0.1\)'"
+    for grid, refused in (([0.001, 0.01], False), ([0.001, 0.01], False), ([0.001, 0.1], True)):
+        user = parse_search_space({"l2": {"lr": {"low": 1e-4, "high": 0.1, "grid": grid}}})
+        options = TuneOptions(sampler="grid", space=user)
+        if refused:
+            with raises_rendered(SettingError, match):
+                open_study(base, "l2", method_space("l2", user), options, storage)
+        else:
+            open_study(base, "l2", method_space("l2", user), options, storage)
+
+
 def test_a_space_that_tunes_a_setting_the_method_ignores_is_refused() -> None:
     user = parse_search_space({"all": {"bss_eta": [1e-4, 1e-2]}, "l2": {"weight_decay": None}})
     assert sorted(method_space("l2+bss", user)) == ["bss_eta", "lr"]

@@ -71,13 +71,14 @@ class Param:
         return sorted({round(p) for p in points}) if self.integer else points
 
     def describe(self) -> str:
-        """``lr: log-uniform [0.0001, 0.1]`` or ``lr: one of 0.01, 0.1``."""
+        """``lr: log-uniform [0.0001, 0.1]`` or ``lr: one of 0.01, 0.1``, and the grid when one
+        is given (a study is bound to these descriptions: a changed grid is another space)."""
+        grid = f" (grid {', '.join(map(str, self.grid))})" if self.grid is not None else ""
         if self.choices is not None:
-            return f"{self.name}: one of {', '.join(map(str, self.choices))}"
+            return f"{self.name}: one of {', '.join(map(str, self.choices))}{grid}"
         kind = "log-uniform" if self.log else "uniform"
-        return (
-            f"{self.name}: {kind}{' integer' if self.integer else ''} [{self.low:g}, {self.high:g}]"
-        )
+        integer = " integer" if self.integer else ""
+        return f"{self.name}: {kind}{integer} [{self.low:g}, {self.high:g}]{grid}"
 
 
 def _range(name: str, low: float, high: float, log: bool = True) -> Param:
