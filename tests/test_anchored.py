@@ -173,7 +173,7 @@ def test_the_methods_settings_are_checked() -> None:  # their warning: test_meth
         TrainConfig(data="d", model="m", out="o", spd_lambda=-1.0)
 
 
-def test_spd_optimizer_anchors_the_backbone_not_the_head() -> None:
+def test_spd_optimizer_anchors_every_tensor_at_its_start_as_the_authors() -> None:
     source, model = _pair()
     objective = TransferObjective(model, source, "l2", weight_decay=0.0)
     for name, kind in (("sgd", SGDSPD), ("adamw", AdamSPD)):
@@ -182,10 +182,11 @@ def test_spd_optimizer_anchors_the_backbone_not_the_head() -> None:
         assert isinstance(opt, kind)
         assert [(g["name"], g["anchor"], g["weight_decay"]) for g in opt.param_groups] == [
             ("backbone", True, 1.0),
-            ("head", False, 1.0),
+            ("head", True, 1.0),
         ]
         assert torch.equal(opt.state[model.conv1.weight]["anchor"], source.conv1.weight)
-        assert "anchor" not in opt.state[model.fc.weight]
+        assert torch.equal(opt.state[model.fc.weight]["anchor"], model.fc.weight)
+        assert opt.state[model.fc.weight]["anchor"] is not model.fc.weight  # a copy
 
 
 # ------------------------------------------------------------------------------------------------

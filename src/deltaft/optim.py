@@ -25,8 +25,8 @@ distance from the anchor (``(1 - r) * ||theta~ - theta_0|| = ||theta - theta_0||
 there is no L2 or decoupled weight decay.
 
 Anchors live in the optimizer state (``state[p]["anchor"]``), so ``optimizer.state_dict()`` carries
-them and a resumed run continues bit for bit. A group with ``anchor=False`` (the new head, which
-has no pre-trained value) is plain Adam or SGD.
+them and a resumed run continues bit for bit. A group with ``anchor=False`` (e.g. a new head one
+chooses not to anchor; the authors anchor every tensor) is plain Adam or SGD.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class AdamSPD(_SPDOptimizer):
 
     Args:
         params: parameters or parameter groups; a group may set ``"anchor"`` (see
-            :class:`_SPDOptimizer`): ``False`` for the new head.
+            :class:`_SPDOptimizer`): ``False`` for plain SGD on that group.
         lr: learning rate.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``.
         eps: added to the denominator.
@@ -231,8 +231,8 @@ class SGDSPD(_SPDOptimizer):
     is ``torch.optim.SGD``.
 
     Args:
-        params: parameters or parameter groups; a group may set ``"anchor"``, ``False`` for the
-            new head.
+        params: parameters or parameter groups; a group may set ``"anchor"``, ``False`` for plain
+            Adam on that group.
         lr: learning rate.
         momentum: momentum factor ``>= 0``.
         dampening: dampening of the momentum ``>= 0``.

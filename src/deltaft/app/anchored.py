@@ -6,8 +6,8 @@
   before training from the source's predictions on the training images (evaluation transform, no
   augmentation), saved in the run folder as :data:`RELATIONSHIP_FILE` and checked on resume.
 * ``spd`` is plain cross-entropy with :class:`~deltaft.optim.SGDSPD` (optimizer ``sgd``) or
-  :class:`~deltaft.optim.AdamSPD` (optimizer ``adamw``), anchored at the pre-trained weights; the
-  new head has no anchor.
+  :class:`~deltaft.optim.AdamSPD` (optimizer ``adamw``), every tensor anchored at its value when
+  training starts (the new head too, as in the authors' code).
 
 Each method's settings (``cotuning_*``, ``lwf_*``, ``spd_lambda``) are ignored by the other
 methods (:data:`~deltaft.app.methods.PART_SETTINGS`).
@@ -80,9 +80,11 @@ def spd_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim
     """SGDSPD (``cfg.optimizer == "sgd"``, with ``cfg.momentum``) or AdamSPD (``"adamw"``, the
     authors' betas and eps), strength ``cfg.spd_lambda``, over ``groups`` (the objective's
     :meth:`~deltaft.objective.TransferObjective.param_groups`): every group is anchored at its
-    current values, the pre-trained weights, except the new ``head``."""
+    current values, as in the authors' code (one group of every trainable parameter, ``pre`` its
+    copy at construction): the backbone at its pre-trained weights, the new head at its initial
+    values (the linear probe's with ``+lpft``)."""
     for group in groups:
-        group["anchor"] = group.get("name") != "head"
+        group["anchor"] = True
         group["weight_decay"] = cfg.spd_lambda
     if cfg.optimizer == "adamw":
         return AdamSPD(groups, lr=cfg.lr, weight_decay=cfg.spd_lambda)
