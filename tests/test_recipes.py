@@ -253,6 +253,21 @@ def test_wise_run_files_and_swapped_test_images_do_not_move_the_choice(
     assert result["accuracy"] == pytest.approx(wise["test_accuracy"])
 
 
+def test_wise_fine_tunes_from_theta_0_as_lpft_does(data: Path, tmp_path: Path) -> None:
+    """WiSE-FT's authors fine-tune from theta_0 (the probed head): l2+wise trains exactly as
+    l2+lpft+wise, and its fine-tuned head is not the one a fresh head would give."""
+    wise, both, _ = (
+        run_training(_cfg(data, tmp_path / name, method))
+        for name, method in (("w", "l2+wise"), ("b", "l2+lpft+wise"), ("p", "l2"))
+    )
+    finetuned = [load_state(tmp_path / n / "checkpoints" / "last.pt")["model"] for n in "wbp"]
+    for key, value in finetuned[0].items():
+        assert torch.equal(value, finetuned[1][key]), key
+    assert wise["wise"] == both["wise"]
+    head = [k for k in finetuned[0] if k.startswith("fc.") or k.startswith("head.")]
+    assert head and any(not torch.equal(finetuned[0][k], finetuned[2][k]) for k in head)
+
+
 def test_wise_without_validation_is_refused_before_training(tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_images(root, "train", 4, 0)

@@ -149,8 +149,9 @@ def prepare_probe(
 
     From ``resume_state`` (the checkpoint's) when resuming, else ``reused`` (the attention
     head, see :func:`attention_head_reuse`), else trained on the main process; ``broadcast``
-    gives the other processes the main one's. With ``+lpft`` the head is loaded into
-    ``built.model``: fine-tuning starts from it.
+    gives the other processes the main one's. The head is loaded into ``built.model``:
+    fine-tuning starts from it, with ``+lpft`` (LP-FT) and with ``+wise`` (WiSE-FT fine-tunes
+    from ``theta_0``, as its authors' code; ``+lpft`` then changes nothing).
 
     Raises:
         SettingError: the checkpoint to resume from does not hold the probe.
@@ -176,10 +177,8 @@ def prepare_probe(
         "attention head": "the attention head, reused (trained the same way)",
         "checkpoint": "restored from the checkpoint",
     }[probe.how]
-    purpose = "fine-tuning starts from it" if spec.has("lpft") else "WiSE-FT's theta_0 head"
-    logger.info("linear probe: %s; %s.", what, purpose)
-    if spec.has("lpft"):
-        get_submodule(built.model, built.head).load_state_dict(probe.head)
+    logger.info("linear probe: %s; fine-tuning starts from it.", what)
+    get_submodule(built.model, built.head).load_state_dict(probe.head)
     return probe
 
 
