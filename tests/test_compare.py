@@ -491,7 +491,7 @@ def test_jobs_send_their_log_records_to_the_parents_handlers(
     import logging.handlers
     import multiprocessing
 
-    from deltaft.app import compare
+    from deltaft.app import jobs
     from deltaft.cli.console import configure_logging
 
     log = logging.getLogger("deltaft")
@@ -499,11 +499,11 @@ def test_jobs_send_their_log_records_to_the_parents_handlers(
     configure_logging(logging.INFO)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    listener = logging.handlers.QueueListener(queue, compare.JobLogHandler())
+    listener = logging.handlers.QueueListener(queue, jobs.JobLogHandler())
     listener.start()
     try:
         with context.Pool(
-            1, initializer=compare.init_job_process, initargs=(1, logging.INFO, queue)
+            1, initializer=jobs.init_job_process, initargs=(1, logging.INFO, queue)
         ) as pool:
             warn = functools.partial(logging.Logger.warning, logging.getLogger("deltaft.app.x"))
             pool.map(warn, ["from the job"])

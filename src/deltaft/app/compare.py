@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import logging.handlers
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from deltaft.app.checks import outside_data
 from deltaft.app.config_io import read_settings_file
 from deltaft.app.errors import SettingError, literal
+from deltaft.app.jobs import job_pool
 from deltaft.app.methods import BASE_METHODS, MethodSpec, for_method, spec_help
 from deltaft.app.recipes import check_wise_validation
 from deltaft.app.results import CompareResult, CompareRow, RunResult
@@ -38,9 +38,7 @@ __all__ = [
     "COMPARE_METHODS",
     "CompareResult",
     "CompareRow",
-    "JobLogHandler",
     "RunResult",
-    "init_job_process",
     "parse_methods",
     "parse_seeds",
     "run_compare",
@@ -225,62 +223,6 @@ def _tuned_note(
     )
 
 
-class JobLogHandler(logging.Handler):
-    """Hands a record from a job's process to the logger of its name in this process.
-
-    Records reach whatever handlers the caller installed on the ``deltaft`` logger (the command
-    line's), so jobs' warnings look like this process's; the application installs none.
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger(record.name).handle(record)
-
-
-def _die_with(parent: int) -> None:
-    """End this process when process ``parent`` ends, however it ends (SIGKILL included), so
-    that no job goes on training a folder that a rerun of the comparison trains again.
-
-    On Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``); everywhere
-    a daemon thread checks every half second that the parent is still this process's parent.
-    """
-    import ctypes
-    import signal
-    import sys
-    import threading
-    import time
-
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1  # from <linux/prctl.h>
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)  # the parent is gone: nobody collects this job's result
-
-    if os.getppid() != parent:  # died before the prctl call
-        os._exit(1)
-    threading.Thread(target=watch, name="deltaft-parent-watch", daemon=True).start()
-
-
-def init_job_process(threads: int, level: int, queue: Any, parent: int | None = None) -> None:
-    """A compare job's process: it dies with ``parent`` (default: the process that started
-    it), has its torch threads, sends its log records to the parent through ``queue``, and
-    leaves Ctrl-C to the parent."""
-    import signal
-
-    import torch
-
-    _die_with(os.getppid() if parent is None else parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
-    package = logging.getLogger("deltaft")
-    package.handlers[:] = [logging.handlers.QueueHandler(queue)]
-    package.propagate = False
-    package.setLevel(max(level, logging.WARNING))
-
-
 def _job_train(job: tuple[int, TrainConfig]) -> tuple[int, dict[str, Any]]:
     from deltaft.app.train import run_training
 
@@ -295,23 +237,15 @@ def _train_in_jobs(
     total: int,
 ) -> None:
     """Train ``todo`` in ``jobs`` processes at once, adding each finished run to ``done``."""
-    import multiprocessing
-
     import torch
 
     threads = max(1, torch.get_num_threads() // jobs)
-    level = logging.getLogger("deltaft").getEffectiveLevel()
     logger.info("compare: %d runs, %d at once, %d torch thread(s) each", len(todo), jobs, threads)
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    listener = logging.handlers.QueueListener(queue, JobLogHandler())
-    listener.start()
-    pool = context.Pool(
-        min(jobs, len(todo)),
-        initializer=init_job_process,
-        initargs=(threads, level, queue, os.getpid()),
+    interrupted = (
+        "interrupted; the finished runs are kept, and the same command continues the others "
+        "from their last finished epoch."
     )
-    try:
+    with job_pool(min(jobs, len(todo)), threads, interrupted) as pool:
         jobs_in_order = [(index, cfg) for index, (_, _, cfg) in enumerate(todo)]
         for index, summary in pool.imap_unordered(_job_train, jobs_in_order):
             method, seed, cfg = todo[index]
@@ -321,18 +255,6 @@ def _train_in_jobs(
                 "compare %d/%d: %s, seed %d: %.2f %% (%s) in %.0f s -> %s",
                 len(done), total, method, seed, run.accuracy, run.split, run.seconds, run.run_dir,
             )  # fmt: skip
-        pool.close()
-        pool.join()  # the workers exit on their own (terminate would kill them mid-cleanup)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            "interrupted; the finished runs are kept, and the same command continues the "
-            "others from their last finished epoch."
-        ) from None
-    finally:
-        pool.terminate()  # at once on an error or Ctrl-C; a finished pool has nothing left
-        pool.join()
-        listener.stop()  # after the jobs: every record they sent is handled
-        queue.close()
 
 
 def run_compare(

@@ -19,7 +19,6 @@ RUNNING by a process that died (same machine: its pid is gone; elsewhere: no hea
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,7 +112,7 @@ def run_tune(
 # ------------------------------------------------------------------------------------------------
 def _job_work(job: tuple[TuneContext, int, int]) -> int:
     context, worker, level = job
-    # The job's package logger passes warnings only (compare's job set-up); the trial lines
+    # The job's package logger passes warnings only (init_job_process); the trial lines
     # (progress, ETA) pass at the parent's level.
     logging.getLogger("deltaft.app.tune_trial").setLevel(level)
     context.work(worker)
@@ -125,12 +124,9 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
     ``threads // jobs`` torch threads; they share the studies through the storage. Their log
     records reach this process's ``deltaft`` loggers; Ctrl-C or this process's death ends them.
     """
-    import logging.handlers
-    import multiprocessing
-
     import torch
 
-    from deltaft.app.compare import JobLogHandler, init_job_process
+    from deltaft.app.jobs import job_pool
 
     for method in context.spaces:  # the shared attention estimates: once, here, not per job
         context.attention_for(method)
@@ -140,26 +136,11 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
     threads = max(1, torch.get_num_threads() // jobs)
     level = logging.getLogger("deltaft").getEffectiveLevel()
     logger.info("tune: %d processes, %d torch thread(s) each", jobs, threads)
-    mp = multiprocessing.get_context("spawn")
-    queue = mp.Queue()
-    listener = logging.handlers.QueueListener(queue, JobLogHandler())
-    listener.start()
-    pool = mp.Pool(
-        jobs, initializer=init_job_process, initargs=(threads, level, queue, os.getpid())
+    interrupted = (
+        "interrupted; finished trials are kept, and the same command continues the study (the "
+        "interrupted trials are marked failed and retried)."
     )
-    try:
+    with job_pool(jobs, threads, interrupted) as pool:
         work = [(quiet, worker, level) for worker in range(jobs)]
         for _ in pool.imap_unordered(_job_work, work):
             pass
-        pool.close()
-        pool.join()  # the workers exit on their own (terminate would kill them mid-cleanup)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            "interrupted; finished trials are kept, and the same command continues the study "
-            "(the interrupted trials are marked failed and retried)."
-        ) from None
-    finally:
-        pool.terminate()
-        pool.join()
-        listener.stop()
-        queue.close()
