@@ -73,21 +73,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _run_tuned(args: argparse.Namespace, overrides: dict[str, Any] | None, start: float) -> int:
+def _run_tuned(args: argparse.Namespace, common: dict[str, Any], start: float) -> int:
     """``demo --tune``: tune, compare, print both tables and the time."""
     from deltaft.app.tune_demo import run_demo_tune
 
-    tuning, comparison = run_demo_tune(
-        args.out,
-        config=args.config,
-        seeds=args.seeds,
-        methods=args.methods,
-        cache_dir=args.cache_dir,
-        overrides=overrides,
-        progress=getattr(args, "progress", None),
-        jobs=args.jobs,
-        trials=args.trials,
-    )
+    tuning, comparison = run_demo_tune(args.out, trials=args.trials, **common)
     print(tuning.table_markdown())
     print(comparison.table_markdown())
     for path in [*tuning.files.values(), *comparison.files.values()]:
@@ -101,19 +91,18 @@ def run(args: argparse.Namespace) -> int:
     from deltaft.app.demo import run_demo
 
     start = time.perf_counter()
-    overrides = {"device": args.device} if args.device else None
+    common: dict[str, Any] = {  # what run_demo and run_demo_tune both take
+        "config": args.config,
+        "seeds": args.seeds,
+        "methods": args.methods,
+        "cache_dir": args.cache_dir,
+        "overrides": {"device": args.device} if args.device else None,
+        "progress": getattr(args, "progress", None),
+        "jobs": args.jobs,
+    }
     if getattr(args, "tune", False):
-        return _run_tuned(args, overrides, start)
-    result = run_demo(
-        args.out,
-        config=args.config,
-        seeds=args.seeds,
-        methods=args.methods,
-        cache_dir=args.cache_dir,
-        overrides=overrides,
-        progress=getattr(args, "progress", None),
-        jobs=args.jobs,
-    )
+        return _run_tuned(args, common, start)
+    result = run_demo(args.out, **common)
     print(result.table_markdown())
     reused = sum(run.reused for run in result.runs)
     if reused:
