@@ -421,9 +421,9 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(
 def test_two_processes_that_start_together_sample_different_settings(
     fake: _FakeTraining, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two `deltaft tune` on one storage (here two threads, each its own storage object and
-    worker 0) read the same empty history, then ask at once: the storage numbers their trials
-    0 and 1, and each trial is sampled with the seed of its number."""
+    """Two `deltaft tune` on one storage (here two threads, each its own storage object) read
+    the same empty history, then ask at once: the storage numbers their trials 0 and 1, and each
+    trial is sampled with the seed of its number."""
     import threading
 
     from deltaft.app.tune_trial import TuneContext
@@ -446,7 +446,7 @@ def test_two_processes_that_start_together_sample_different_settings(
 
     def process() -> None:
         try:
-            TuneContext(base, out, options, spaces).work(0)
+            TuneContext(base, out, options, spaces).work()
         except BaseException as error:
             errors.append(error)
 

@@ -101,7 +101,7 @@ def run_tune(
         open_study(base, method, spaces[method], options, storage)
     context = TuneContext(base, out, options, spaces, progress)
     if options.jobs == 1:
-        context.work(0, storage)
+        context.work(storage)
     else:
         work_in_processes(context, options.jobs)
     return write_results(base, methods, spaces, out, options, storage)
@@ -110,13 +110,12 @@ def run_tune(
 # ------------------------------------------------------------------------------------------------
 # Jobs
 # ------------------------------------------------------------------------------------------------
-def _job_work(job: tuple[TuneContext, int, int]) -> int:
-    context, worker, level = job
+def _job_work(job: tuple[TuneContext, int]) -> None:
+    context, level = job
     # The job's package logger passes warnings only (init_job_process); the trial lines
     # (progress, ETA) pass at the parent's level.
     logging.getLogger("deltaft.app.tune_trial").setLevel(level)
-    context.work(worker)
-    return worker
+    context.work()
 
 
 def work_in_processes(context: TuneContext, jobs: int) -> None:
@@ -141,6 +140,6 @@ def work_in_processes(context: TuneContext, jobs: int) -> None:
         "interrupted trials are marked failed and retried)."
     )
     with job_pool(jobs, threads, interrupted) as pool:
-        work = [(quiet, worker, level) for worker in range(jobs)]
+        work = [(quiet, level)] * jobs
         for _ in pool.imap_unordered(_job_work, work):
             pass

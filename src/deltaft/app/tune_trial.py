@@ -67,12 +67,12 @@ class TuneContext:
             self.attention[method] = shared_attention(self.base, method, space, self.out)
         return self.attention[method]
 
-    def work(self, worker: int, storage: Any = None) -> None:
+    def work(self, storage: Any = None) -> None:
         """Run each method's trials until its study has enough finished ones."""
         storage = storage if storage is not None else storage_of(self.out, self.options.storage)
         for index, method in enumerate(self.spaces):
             study = open_study(self.base, method, self.spaces[method], self.options, storage)
-            _Worker(self, method, study, worker, len(self.spaces) - index - 1).run()
+            _Worker(self, method, study, len(self.spaces) - index - 1).run()
 
 
 def _state(trial: Any) -> str:
@@ -91,7 +91,7 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass
 class _Worker:
-    """Runs trials of one method's study in this process (worker number ``worker``).
+    """Runs trials of one method's study in this process.
 
     Before each trial: stale trials are failed and retried, and the study's finished trials
     (complete or pruned) are counted against :attr:`target`, those other processes are running
@@ -104,7 +104,6 @@ class _Worker:
     context: TuneContext
     method: str
     study: Any
-    worker: int
     methods_after: int
     fails_in_a_row: int = 0
     seconds: list[float] = field(default_factory=list)  # of the trials this worker ran
